@@ -1,0 +1,185 @@
+"""The embedded default task: short instructions with one exactly right answer, and a gold judge.
+
+The judge stands in for human raters: it scores any response to any of the task's prompts, so we can
+see whether alignment improves the model. Three categories:
+
+    repeat   "Repeat the word river 3 times."           -> "river river river"
+    upper    "Write the words river stone in capital letters." -> "RIVER STONE"
+    reverse  "Reverse the list: red, blue, green."       -> "green, blue, red"
+
+Gold score of a response: 1.0 if it is exactly the answer; 0.5 if it holds the answer as a clause of its
+own wrapped in chatter ("Sure! Here it is: ..."); 0.0 otherwise. Pass = score 1.0.
+
+The SFT demonstrations are deliberately imperfect (some chatty, some wrong), as human demonstrations
+are, so that the SFT model lands well above an untrained model but clearly below 1, and the reward
+model, rejection sampling and DPO have room to improve it. The preference data ranks responses
+edited (exact) > chosen (chatty) > rejected (wrong), with a little label noise, as human raters have.
+Everything is generated deterministically from a seed.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+
+WORDS = (
+    "apple river stone cloud tiger lemon piano rocket forest candle garden silver orange planet window "
+    "dragon pepper castle marble rabbit violin meadow thunder pencil harbor falcon winter summer basket "
+    "copper island mirror banana jacket ladder saddle tomato velvet wizard anchor bottle kettle lantern "
+    "monkey needle oyster parrot quartz ribbon salmon tunnel umbrella valley walnut zebra beacon cactus "
+    "feather glacier hammer iceberg jungle koala lizard magnet nectar olive pillow quiver raven spider "
+    "trumpet unicorn vessel wagon yogurt"
+).split()
+COLORS = "red blue green yellow black white purple brown pink gray".split()
+CATEGORIES = ("repeat", "upper", "reverse")
+CHATTER_PREFIX = ("Sure! Here it is:", "Of course, the answer is:", "Here you go:", "Happy to help:")
+CHATTER_SUFFIX = ("Hope this helps!", "Let me know if you need more.")
+# Mixture of the SFT demonstrations: exact, chatty (gold 0.5), wrong (gold 0).
+SFT_MIX = {"exact": 0.40, "chatty": 0.35, "wrong": 0.25}
+LABEL_NOISE = 0.03
+
+_PATTERNS = {
+    "repeat": re.compile(r"^Repeat the word (\w+) (\d+) times\.$"),
+    "upper": re.compile(r"^Write the words? ([\w ]+) in capital letters\.$"),
+    "reverse": re.compile(r"^Reverse the list: ([\w, ]+)\.$"),
+}
+
+
+# -- prompts and answers --------------------------------------------------------------------------------
+def make_prompt(rng: random.Random, category: str) -> str:
+    if category == "repeat":
+        return f"Repeat the word {rng.choice(WORDS)} {rng.randint(2, 5)} times."
+    if category == "upper":
+        words = rng.sample(WORDS, rng.randint(1, 2))
+        return f"Write the word{'s' if len(words) > 1 else ''} {' '.join(words)} in capital letters."
+    items = rng.sample(COLORS + WORDS[:10], rng.randint(3, 4))
+    return f"Reverse the list: {', '.join(items)}."
+
+
+def parse_prompt(text: str) -> tuple[str, str] | None:
+    """(category, exact answer) for a task prompt, or None if the text is not one of the task's prompts."""
+    text = text.strip()
+    for cat, pat in _PATTERNS.items():
+        m = pat.match(text)
+        if not m:
+            continue
+        if cat == "repeat":
+            return cat, " ".join([m.group(1)] * int(m.group(2)))
+        if cat == "upper":
+            return cat, m.group(1).upper()
+        return cat, ", ".join(reversed([x.strip() for x in m.group(1).split(",")]))
+    return None
+
+
+def wrong_answer(rng: random.Random, prompt: str) -> str:
+    cat, answer = parse_prompt(prompt)
+    if cat == "repeat":
+        word, n = answer.split()[0], len(answer.split())
+        n2 = n + rng.choice([-1, 1]) if n > 2 else n + 1
+        return " ".join([word] * n2)
+    if cat == "upper":
+        return rng.choice([answer.lower(), answer.title()])
+    items = answer.split(", ")
+    return ", ".join(reversed(items)) if rng.random() < 0.6 else ", ".join(items[1:] + items[:1])
+
+
+def chatty_answer(rng: random.Random, answer: str) -> str:
+    if rng.random() < 0.7:
+        return f"{rng.choice(CHATTER_PREFIX)} {answer}"
+    return f"{answer}. {rng.choice(CHATTER_SUFFIX)}"
+
+
+def respond(rng: random.Random, prompt: str, kind: str) -> str:
+    answer = parse_prompt(prompt)[1]
+    return {"exact": lambda: answer, "chatty": lambda: chatty_answer(rng, answer), "wrong": lambda: wrong_answer(rng, prompt)}[kind]()
+
+
+# -- the gold judge -------------------------------------------------------------------------------------
+def gold_score(prompt: str | list[dict], response: str) -> float:
+    """1.0 exact; 0.5 if one sentence or clause of it (split at : . ! ? and newlines) is exactly the answer;
+    0.0 otherwise. `prompt` is the prompt text or its message list."""
+    if isinstance(prompt, list):
+        prompt = next(m["content"] for m in reversed(prompt) if m["role"] == "user")
+    parsed = parse_prompt(prompt)
+    if parsed is None:
+        raise ValueError(f"not a default-task prompt: {prompt!r}")
+    answer = parsed[1]
+    response = response.strip()
+    if response == answer:
+        return 1.0
+    if any(seg.strip() == answer for seg in re.split(r"[:.!?\n]", response)):
+        return 0.5
+    return 0.0
+
+
+# -- data sets ------------------------------------------------------------------------------------------
+def _prompts(rng: random.Random, n: int, exclude: set[str], unique: bool) -> list[tuple[str, str]]:
+    """n prompts, categories in turn, none in `exclude`; all distinct if `unique` (held-out sets)."""
+    out, seen = [], set()
+    while len(out) < n:
+        cat = CATEGORIES[len(out) % len(CATEGORIES)]
+        p = make_prompt(rng, cat)
+        if p in exclude or (unique and p in seen):
+            continue
+        seen.add(p)
+        out.append((cat, p))
+    return out
+
+
+def _user(p: str) -> list[dict]:
+    return [{"role": "user", "content": p}]
+
+
+def generate(seed: int = 0, n_sft: int = 2000, n_preference: int = 2000, n_eval_preference: int = 300,
+             n_eval_prompts: int = 200, n_sampling_prompts: int = 400) -> dict[str, list[dict]]:
+    """All data sets of the task, deterministic in `seed`. Eval prompts share no prompt with training."""
+    rng = random.Random(seed)
+    eval_prompts = _prompts(rng, n_eval_prompts + n_eval_preference, set(), unique=True)
+    held_out = {p for _, p in eval_prompts}
+    train_prompts = _prompts(rng, n_sft + n_preference + n_sampling_prompts, held_out, unique=False)
+    sft_p = train_prompts[:n_sft]
+    pref_p = train_prompts[n_sft : n_sft + n_preference]
+    samp_p = train_prompts[n_sft + n_preference :]
+    kinds, weights = list(SFT_MIX), list(SFT_MIX.values())
+
+    sft = []
+    for i, (cat, p) in enumerate(sft_p):
+        kind = rng.choices(kinds, weights)[0]
+        sft.append({"id": f"sft-{i}", "category": cat, "messages": _user(p) + [{"role": "assistant", "content": respond(rng, p, kind)}]})
+
+    def ranked(i: int, cat: str, p: str, prefix: str) -> dict:
+        responses = {"edited": respond(rng, p, "exact"), "chosen": respond(rng, p, "chatty"), "rejected": respond(rng, p, "wrong")}
+        shape = rng.random()
+        if shape < 0.4:  # three ranked responses, Llama 3 style
+            rec = {"prompt": _user(p), **{k: [{"role": "assistant", "content": v}] for k, v in responses.items()}}
+        else:  # a plain pair, one of the three orderings
+            hi, lo = rng.choice([("edited", "chosen"), ("chosen", "rejected"), ("edited", "rejected")])
+            rec = {"prompt": _user(p), "chosen": [{"role": "assistant", "content": responses[hi]}],
+                   "rejected": [{"role": "assistant", "content": responses[lo]}]}
+        if rng.random() < LABEL_NOISE:  # raters disagree sometimes
+            rec["chosen"], rec["rejected"] = rec["rejected"], rec["chosen"]
+        return {"id": f"{prefix}-{i}", "category": cat, **rec}
+
+    preference = [ranked(i, c, p, "pref") for i, (c, p) in enumerate(pref_p)]
+    eval_preference = [ranked(i, c, p, "evalpref") for i, (c, p) in enumerate(eval_prompts[n_eval_prompts:])]
+    return {
+        "sft": sft,
+        "preference": preference,
+        "eval_preference": eval_preference,
+        "prompts": [{"id": f"prompt-{i}", "category": c, "prompt": _user(p)} for i, (c, p) in enumerate(samp_p)],
+        "eval_prompts": [{"id": f"eval-{i}", "category": c, "prompt": _user(p)} for i, (c, p) in enumerate(eval_prompts[:n_eval_prompts])],
+    }
+
+
+def corpus(datasets: dict[str, list[dict]]) -> list[str]:
+    """Every text of the task (for training the tiny tokenizer), plus each category's wrong/chatty forms."""
+    texts = []
+    for recs in datasets.values():
+        for r in recs:
+            for key in ("messages", "prompt", "edited", "chosen", "rejected"):
+                texts += [m["content"] for m in r.get(key, [])]
+    rng = random.Random(1)
+    texts += list(CHATTER_PREFIX) + list(CHATTER_SUFFIX)
+    texts += [w.upper() for w in WORDS] + [w.capitalize() for w in WORDS] + [" ".join(WORDS), " ".join(COLORS)]
+    texts += [respond(rng, make_prompt(rng, c), "wrong") for c in CATEGORIES for _ in range(50)]
+    return texts
