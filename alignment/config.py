@@ -104,7 +104,10 @@ class RewardConfig:
     max_length: int = 2048
     overlong: str = "drop"
     margin: bool = False  # Llama 2's margin term; Llama 3 removed it
+    margin_per_rank: float = 1.0  # margin per rank gap when margin is on and a record has no `margin` field
     one_row: bool = True  # prompt + all ranked responses in one sequence (exact attention mask)
+    save_every: int = 0  # optimizer steps between checkpoints; 0 = only at the end
+    eval_batch_size: int = 64
     lora: LoraConfig | None = None
     log_every: int = 10
     report_to: str = "tensorboard"
@@ -146,6 +149,8 @@ class DPOConfig:
     precompute_ref: bool = True
     data: str = "sampling"  # sampling | preference (the task's preference data) | a path
     lora: LoraConfig | None = None
+    save_every: int = 0  # optimizer steps between checkpoints; 0 = only at the end
+    nll_mask_special_tokens: bool = True  # False: the NLL term also trains the chosen response's <|eot_id|>
     log_every: int = 10
     report_to: str = "tensorboard"
 
@@ -154,7 +159,8 @@ class DPOConfig:
 class EvalConfig:
     max_new_tokens: int = 64
     batch_size: int = 64
-    temperature: float = 0.0
+    temperature: float = 1.0  # sample: gold_score is the mean over the policy's distribution
+    samples_per_prompt: int = 2
 
 
 @dataclass

@@ -104,6 +104,10 @@ def git_commit() -> str | None:
         return None
 
 
+class TemplateMismatch(ValueError):
+    """An input made with another tokenizer or chat template than the stage's."""
+
+
 # -- stage runs -----------------------------------------------------------------------------------------------
 def stage_dir(recipe, stage: str, round_idx: int = 1) -> Path:
     base = Path(recipe.output_dir) / recipe.name
@@ -149,7 +153,7 @@ class StageRun:
         if self.template_hash and mp.exists():
             theirs = read_json(mp).get("template_hash")
             if theirs and theirs != self.template_hash:
-                raise ValueError(f"{input_dir}: made with tokenizer/template {theirs}, this stage uses {self.template_hash}")
+                raise TemplateMismatch(f"{input_dir}: made with tokenizer/template {theirs}, this stage uses {self.template_hash}")
 
     def finish(self, metrics: dict, extra: dict | None = None) -> dict:
         wall = time.time() - self.t0

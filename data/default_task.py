@@ -1,11 +1,12 @@
 """The embedded default task: short instructions with one exactly right answer, and a gold judge.
 
 The judge stands in for human raters: it scores any response to any of the task's prompts, so we can
-see whether alignment improves the model. Three categories:
+see whether alignment improves the model. Three categories, each a small reading task that a tiny model
+can learn on a CPU in a minute or two:
 
-    repeat   "Repeat the word river 3 times."           -> "river river river"
-    upper    "Write the words river stone in capital letters." -> "RIVER STONE"
-    reverse  "Reverse the list: red, blue, green."       -> "green, blue, red"
+    first  "Say the first word of: river stone cloud."  -> "river"
+    last   "Say the last word of: river stone cloud."   -> "cloud"
+    copy   "Copy the words: river stone cloud."         -> "river stone cloud"
 
 Gold score of a response: 1.0 if it is exactly the answer; 0.5 if it holds the answer as a clause of its
 own wrapped in chatter ("Sure! Here it is: ..."); 0.0 otherwise. Pass = score 1.0.
@@ -25,13 +26,9 @@ import re
 WORDS = (
     "apple river stone cloud tiger lemon piano rocket forest candle garden silver orange planet window "
     "dragon pepper castle marble rabbit violin meadow thunder pencil harbor falcon winter summer basket "
-    "copper island mirror banana jacket ladder saddle tomato velvet wizard anchor bottle kettle lantern "
-    "monkey needle oyster parrot quartz ribbon salmon tunnel umbrella valley walnut zebra beacon cactus "
-    "feather glacier hammer iceberg jungle koala lizard magnet nectar olive pillow quiver raven spider "
-    "trumpet unicorn vessel wagon yogurt"
+    "copper island mirror banana jacket ladder saddle tomato velvet wizard anchor"
 ).split()
-COLORS = "red blue green yellow black white purple brown pink gray".split()
-CATEGORIES = ("repeat", "upper", "reverse")
+CATEGORIES = ("first", "last", "copy")
 CHATTER_PREFIX = ("Sure! Here it is:", "Of course, the answer is:", "Here you go:", "Happy to help:")
 CHATTER_SUFFIX = ("Hope this helps!", "Let me know if you need more.")
 # Mixture of the SFT demonstrations: exact, chatty (gold 0.5), wrong (gold 0).
@@ -39,21 +36,16 @@ SFT_MIX = {"exact": 0.40, "chatty": 0.35, "wrong": 0.25}
 LABEL_NOISE = 0.03
 
 _PATTERNS = {
-    "repeat": re.compile(r"^Repeat the word (\w+) (\d+) times\.$"),
-    "upper": re.compile(r"^Write the words? ([\w ]+) in capital letters\.$"),
-    "reverse": re.compile(r"^Reverse the list: ([\w, ]+)\.$"),
+    "first": re.compile(r"^Say the first word of: ([a-z ]+)\.$"),
+    "last": re.compile(r"^Say the last word of: ([a-z ]+)\.$"),
+    "copy": re.compile(r"^Copy the words: ([a-z ]+)\.$"),
 }
+_PHRASES = {"first": "Say the first word of", "last": "Say the last word of", "copy": "Copy the words"}
 
 
 # -- prompts and answers --------------------------------------------------------------------------------
 def make_prompt(rng: random.Random, category: str) -> str:
-    if category == "repeat":
-        return f"Repeat the word {rng.choice(WORDS)} {rng.randint(2, 5)} times."
-    if category == "upper":
-        words = rng.sample(WORDS, rng.randint(1, 2))
-        return f"Write the word{'s' if len(words) > 1 else ''} {' '.join(words)} in capital letters."
-    items = rng.sample(COLORS + WORDS[:10], rng.randint(3, 4))
-    return f"Reverse the list: {', '.join(items)}."
+    return f"{_PHRASES[category]}: {' '.join(rng.sample(WORDS, rng.randint(3, 4)))}."
 
 
 def parse_prompt(text: str) -> tuple[str, str] | None:
@@ -61,26 +53,24 @@ def parse_prompt(text: str) -> tuple[str, str] | None:
     text = text.strip()
     for cat, pat in _PATTERNS.items():
         m = pat.match(text)
-        if not m:
-            continue
-        if cat == "repeat":
-            return cat, " ".join([m.group(1)] * int(m.group(2)))
-        if cat == "upper":
-            return cat, m.group(1).upper()
-        return cat, ", ".join(reversed([x.strip() for x in m.group(1).split(",")]))
+        if m:
+            words = m.group(1).split()
+            return cat, {"first": words[0], "last": words[-1], "copy": " ".join(words)}[cat]
     return None
 
 
 def wrong_answer(rng: random.Random, prompt: str) -> str:
+    """A plausible mistake: another word of the list, or the list out of order / missing a word."""
     cat, answer = parse_prompt(prompt)
-    if cat == "repeat":
-        word, n = answer.split()[0], len(answer.split())
-        n2 = n + rng.choice([-1, 1]) if n > 2 else n + 1
-        return " ".join([word] * n2)
-    if cat == "upper":
-        return rng.choice([answer.lower(), answer.title()])
-    items = answer.split(", ")
-    return ", ".join(reversed(items)) if rng.random() < 0.6 else ", ".join(items[1:] + items[:1])
+    words = _PATTERNS[cat].match(prompt.strip()).group(1).split()
+    if cat in ("first", "last"):
+        return rng.choice([w for w in words if w != answer])
+    if rng.random() < 0.5:
+        return " ".join(words[:-1])
+    out = words[:]
+    while out == words:
+        rng.shuffle(out)
+    return " ".join(out)
 
 
 def chatty_answer(rng: random.Random, answer: str) -> str:
@@ -113,13 +103,13 @@ def gold_score(prompt: str | list[dict], response: str) -> float:
 
 
 # -- data sets ------------------------------------------------------------------------------------------
-def _prompts(rng: random.Random, n: int, exclude: set[str], unique: bool) -> list[tuple[str, str]]:
-    """n prompts, categories in turn, none in `exclude`; all distinct if `unique` (held-out sets)."""
+def _prompts(rng: random.Random, n: int, exclude: set[str]) -> list[tuple[str, str]]:
+    """n distinct prompts, categories in turn, none in `exclude` (the held-out sets)."""
     out, seen = [], set()
     while len(out) < n:
         cat = CATEGORIES[len(out) % len(CATEGORIES)]
         p = make_prompt(rng, cat)
-        if p in exclude or (unique and p in seen):
+        if p in exclude or p in seen:
             continue
         seen.add(p)
         out.append((cat, p))
@@ -134,9 +124,9 @@ def generate(seed: int = 0, n_sft: int = 2000, n_preference: int = 2000, n_eval_
              n_eval_prompts: int = 200, n_sampling_prompts: int = 400) -> dict[str, list[dict]]:
     """All data sets of the task, deterministic in `seed`. Eval prompts share no prompt with training."""
     rng = random.Random(seed)
-    eval_prompts = _prompts(rng, n_eval_prompts + n_eval_preference, set(), unique=True)
+    eval_prompts = _prompts(rng, n_eval_prompts + n_eval_preference, set())
     held_out = {p for _, p in eval_prompts}
-    train_prompts = _prompts(rng, n_sft + n_preference + n_sampling_prompts, held_out, unique=False)
+    train_prompts = _prompts(rng, n_sft + n_preference + n_sampling_prompts, held_out)
     sft_p = train_prompts[:n_sft]
     pref_p = train_prompts[n_sft : n_sft + n_preference]
     samp_p = train_prompts[n_sft + n_preference :]
@@ -180,6 +170,6 @@ def corpus(datasets: dict[str, list[dict]]) -> list[str]:
                 texts += [m["content"] for m in r.get(key, [])]
     rng = random.Random(1)
     texts += list(CHATTER_PREFIX) + list(CHATTER_SUFFIX)
-    texts += [w.upper() for w in WORDS] + [w.capitalize() for w in WORDS] + [" ".join(WORDS), " ".join(COLORS)]
+    texts += [" ".join(WORDS)]
     texts += [respond(rng, make_prompt(rng, c), "wrong") for c in CATEGORIES for _ in range(50)]
     return texts

@@ -35,8 +35,11 @@ def train_tokenizer(texts: list[str], out_dir: str | os.PathLike, vocab_size: in
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(SPECIALS), initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False)
-    # The format's own text pieces ("\n\n", role names) are in the corpus so they get single tokens.
-    tok.train_from_iterator(list(texts) + ["\n\n", "system", "user", "assistant"] * 50, trainer)
+    # Merges are learned on the words alone (spaces turned into newlines), so a word after a space is
+    # "Ġ" + the same token as the word at the start of an answer: copying a word from the prompt is then a
+    # plain look-up for a tiny model. The format's own pieces ("\n\n", role names) get single tokens.
+    words_only = [t.replace(" ", "\n") for t in texts]
+    tok.train_from_iterator(words_only + ["\n\n", "system", "user", "assistant"] * 50, trainer)
     tok.add_special_tokens(SPECIALS)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOT, pad_token=PAD_CANDIDATES[0])
     Path(out_dir).mkdir(parents=True, exist_ok=True)

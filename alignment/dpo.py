@@ -1,0 +1,273 @@
+"""Stage 4: DPO, Llama 3 style: sigmoid DPO (beta 0.1) + 0.2 x NLL of the chosen response, formatting masked.
+
+    python -m alignment.pipeline recipes/default.yaml --stage dpo [dpo.beta=0.1 dpo.data=preference ...]
+    accelerate launch --config_file recipes/accelerate/<launcher>.yaml -m alignment.pipeline RECIPE --stage dpo
+
+Setup -> reference log-probs -> loop -> save:
+- data: preference pairs, validated by data.validate (bad records reported and skipped). Rejection-sampling
+  pairs carry the completions' token ids (`chosen_ids`, `rejected_ids`): they are used as ids through
+  `ChatFormat.encode_completion`, never decoded and re-encoded. A ranked record (edited > chosen > rejected)
+  gives ONE pair: the best available response against the rejected one, i.e. (edited, rejected) when
+  `edited` is present, else (chosen, rejected).
+- masks: the final assistant turn only; with `mask_special_tokens` (default, Llama 3) its formatting tokens
+  (<|eot_id|>, headers, pad) are masked out of the log-probs of chosen AND rejected, in the DPO term and in
+  the NLL term. Off: plain DPO on the completions, eot included (TRL's masks).
+- loss (alignment.losses.dpo_nll_loss): DPO averaged over the pairs of the optimizer step + nll_weight x the
+  chosen responses' NLL summed over the step and divided by the step's chosen-token count (all micro-batches,
+  all processes), so gradient accumulation equals one big batch. Log-probs are float32 sums over tokens.
+  Chosen and rejected go through the policy in ONE forward pass (batch 2B, chosen first).
+- reference: the SFT model, frozen (eval mode, requires_grad False). By default (`precompute_ref`) its
+  log-probs are computed once before training, then it is freed; otherwise on the fly. With LoRA the
+  reference is the policy with its adapters disabled (peft `disable_adapter()`), never a second copy.
+- metrics (TRL's names): rewards/chosen, rewards/rejected, rewards/margins, rewards/accuracies,
+  logps/chosen, logps/rejected, nll, loss; logged to train_log.jsonl, their mean over the last steps
+  returned, with the gold judge's figures of the trained policy.
+- checkpoints every `save_every` steps (and the reference log-probs); a killed run resumes.
+- saves an HF model (safetensors, LoRA merged) in out_dir/model.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from alignment import loop
+from alignment.losses import dpo_nll_loss, sequence_logps
+from alignment.runs import hash_obj
+from data.chat_format import ChatFormat, Encoded, collate, load_tokenizer
+from data.validate import load_preferences, load_prompts, prompt_keys
+
+METRICS = ("loss", "nll", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+           "logps/chosen", "logps/rejected")
+
+
+# -- data ---------------------------------------------------------------------------------------------------
+def best_key(rec: dict) -> str:
+    """The preferred response of a (possibly ranked) record: edited if present, else chosen."""
+    return "edited" if rec.get("edited") or rec.get("edited_ids") else "chosen"
+
+
+def encode_response(fmt: ChatFormat, rec: dict, key: str) -> Encoded:
+    """prompt + one response: from its token ids when the record has them (sampling), else from its messages."""
+    ids = rec.get(f"{key}_ids")
+    if ids is not None:
+        return fmt.encode_completion(rec["prompt"], ids)
+    return fmt.encode_preference(rec["prompt"], rec[key])
+
+
+def build_pairs(records: list[dict], fmt: ChatFormat, max_length: int) -> tuple[list[tuple[Encoded, Encoded]], dict]:
+    """(chosen, rejected) encodings, one pair per record, and counts of what was used and skipped."""
+    pairs, counts = [], {"pairs": 0, "from_edited": 0, "skipped_overlong": 0, "skipped_prompt_ids_mismatch": 0}
+    for rec in records:
+        key = best_key(rec)
+        chosen, rejected = encode_response(fmt, rec, key), encode_response(fmt, rec, "rejected")
+        prompt_ids = rec.get("prompt_ids")
+        if prompt_ids is not None and list(prompt_ids) != chosen.input_ids[: chosen.prompt_len]:
+            counts["skipped_prompt_ids_mismatch"] += 1  # made with another template/tokenizer
+            continue
+        if max(len(chosen), len(rejected)) > max_length:
+            counts["skipped_overlong"] += 1
+            continue
+        pairs.append((chosen, rejected))
+        counts["from_edited"] += key == "edited"
+    counts["pairs"] = len(pairs)
+    return pairs, counts
+
+
+def collate_pairs(pairs: list[tuple[Encoded, Encoded]], pad_id: int, mask_special_tokens: bool) -> dict:
+    """One batch of 2B rows, the B chosen sequences first, then the B rejected ones (one forward pass).
+
+    input_ids, attention_mask, loss_mask: [2B, T]; loss_mask is the final assistant turn, formatting
+    tokens removed when `mask_special_tokens`."""
+    seqs = [c for c, _ in pairs] + [r for _, r in pairs]
+    return collate(seqs, pad_id, mask="completion", mask_special_tokens=mask_special_tokens)
+
+
+# -- log-probs ------------------------------------------------------------------------------------------------
+def pair_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed float32 completion log-probs of a collated pair batch: (chosen [B], rejected [B])."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # [2B, T, V]
+    logps, _ = sequence_logps(logits, batch["input_ids"], batch["loss_mask"])  # [2B]
+    return logps.chunk(2)
+
+
+def load_reference(path, dtype: str):
+    """The frozen reference: eval mode (no dropout), no gradients, never given to the optimizer."""
+    ref = loop.load_causal_lm(path, dtype)
+    ref.eval()
+    ref.requires_grad_(False)
+    return ref
+
+
+@torch.no_grad()
+def reference_logps(batch: dict, ref_model=None, policy=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference log-probs (chosen [B], rejected [B]): from `ref_model`, or with LoRA from the unwrapped peft
+    `policy` with its adapters disabled (and in eval mode for the call)."""
+    if ref_model is not None:
+        return pair_logps(ref_model, batch)
+    was_training = policy.training
+    policy.eval()
+    try:
+        with policy.disable_adapter():
+            return pair_logps(policy, batch)
+    finally:
+        policy.train(was_training)
+
+
+def precompute_reference(pairs, fmt: ChatFormat, cfg, accelerator, ref_model=None, policy=None) -> torch.Tensor:
+    """Reference log-probs of every pair, [N, 2] (chosen, rejected) on CPU; each process does a shard."""
+    n, world, rank = len(pairs), accelerator.num_processes, accelerator.process_index
+    shard = -(-n // world)
+    mine = list(range(rank * shard, min(n, (rank + 1) * shard)))
+    out = torch.zeros(shard, 2, dtype=torch.float32, device=accelerator.device)
+    bs = max(1, cfg.batch_size)
+    bar = tqdm(range(0, len(mine), bs), desc="reference log-probs", disable=not accelerator.is_local_main_process)
+    for i in bar:
+        idx = mine[i : i + bs]
+        batch = {k: v.to(accelerator.device) for k, v in collate_pairs([pairs[j] for j in idx], fmt.pad_id, cfg.mask_special_tokens).items()}
+        rc, rr = reference_logps(batch, ref_model, policy)
+        out[i : i + len(idx)] = torch.stack([rc, rr], -1)
+    if world > 1:
+        out = accelerator.gather(out)  # [world * shard, 2], in rank order
+    return out[:n].cpu()
+
+
+# -- one optimizer step ---------------------------------------------------------------------------------------
+def dpo_step(model, micro_batches: list[dict], cfg, accelerator, world_size: int) -> dict:
+    """Forward/backward over one optimizer step's micro-batches; returns the step's metrics.
+
+    Each micro-batch holds a collated pair batch ([2B, T], chosen first) and `ref_chosen`, `ref_rejected`
+    ([B]). loss_i = dpo_nll_loss(..., n_pairs=P_step, n_chosen_tokens=N_step) * world_size, where P_step and
+    N_step count the pairs and chosen tokens of every micro-batch on every process; DDP averages over
+    processes, so the gradient is d(sum dpo / P_step + w * sum nll / N_step) whatever the accumulation."""
+    local = torch.tensor([sum(mb["ref_chosen"].numel() for mb in micro_batches),
+                          sum(int(mb["loss_mask"][: mb["ref_chosen"].numel(), 1:].sum()) for mb in micro_batches)],
+                         dtype=torch.float64, device=accelerator.device)
+    n_pairs, n_tokens = (accelerator.reduce(local, "sum") if world_size > 1 else local).tolist()
+    sums = torch.zeros(7, dtype=torch.float64, device=accelerator.device)
+    for i, mb in enumerate(micro_batches):
+        sync = i == len(micro_batches) - 1
+        with nullcontext() if sync or world_size == 1 else accelerator.no_sync(model):
+            pc, pr = pair_logps(model, mb)  # [B], [B]
+            loss, losses, cr, rr = dpo_nll_loss(pc, pr, mb["ref_chosen"], mb["ref_rejected"], cfg.beta, cfg.nll_weight,
+                                                n_chosen_tokens=n_tokens, n_pairs=n_pairs)
+            accelerator.backward(loss * world_size)
+            pc, pr = pc.detach(), pr.detach()
+            sums += torch.stack([losses.detach().sum(), -pc.sum(), cr.sum(), rr.sum(), (cr > rr).float().sum(), pc.sum(), pr.sum()]).double()
+    if world_size > 1:
+        sums = accelerator.reduce(sums, "sum")
+    dpo_sum, nll_sum, cr_sum, rr_sum, acc_sum, pc_sum, pr_sum = sums.tolist()
+    p, t = max(1.0, n_pairs), max(1.0, n_tokens)
+    return {"loss": dpo_sum / p + cfg.nll_weight * nll_sum / t, "dpo": dpo_sum / p, "nll": nll_sum / t,
+            "rewards/chosen": cr_sum / p, "rewards/rejected": rr_sum / p, "rewards/margins": (cr_sum - rr_sum) / p,
+            "rewards/accuracies": acc_sum / p, "logps/chosen": pc_sum / p, "logps/rejected": pr_sum / p,
+            "pairs": int(n_pairs), "tokens": int(n_tokens)}
+
+
+# -- the stage ----------------------------------------------------------------------------------------------------
+def main(recipe, out_dir: Path, inputs: dict) -> dict:
+    """inputs: model (SFT HF dir with tokenizer: policy init and reference), data (preference pairs),
+    eval_prompts (optional, default task: gold-judge figures of the trained policy)."""
+    cfg = recipe.dpo
+    out_dir = Path(out_dir)
+    accelerator = loop.make_accelerator(out_dir, cfg.report_to)
+    torch.manual_seed(recipe.seed)
+
+    # -- setup ---------------------------------------------------------------------------------------------
+    fmt = load_tokenizer(inputs["model"])
+    eval_keys = prompt_keys(load_prompts(inputs["eval_prompts"])[0]) if inputs.get("eval_prompts") else None
+    records, report = load_preferences(inputs["data"], fmt, max_length=cfg.max_length, overlong=cfg.overlong,
+                                       eval_prompts=eval_keys)  # held-out prompts never trained on
+    for line in report.lines()[:20]:
+        accelerator.print(line)
+    pairs, pair_counts = build_pairs(records, fmt, cfg.max_length)
+    if not pairs:
+        raise ValueError(f"{inputs['data']}: no usable preference pairs")
+    accelerator.print(f"dpo: {len(pairs)} pairs ({pair_counts['from_edited']} edited > rejected), "
+                      f"mask_special_tokens={cfg.mask_special_tokens}, precompute_ref={cfg.precompute_ref}")
+
+    model = loop.load_causal_lm(inputs["model"], recipe.model.dtype)
+    model = loop.apply_lora(model, cfg.lora)
+    model.train()
+    ref_model = None if cfg.lora is not None else load_reference(inputs["model"], recipe.model.dtype).to(accelerator.device)
+
+    world = accelerator.num_processes
+    plan = loop.plan_steps(len(pairs), cfg, world, recipe.seed)
+    optimizer, scheduler = loop.make_optimizer(model, cfg, len(plan))
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    policy = accelerator.unwrap_model(model)  # for disable_adapter() when the reference is the LoRA base
+
+    config_hash = hash_obj({"recipe": recipe.to_dict(), "inputs": {k: str(v) for k, v in inputs.items()}})
+    ckpt_dir = out_dir / "checkpoints"
+    ckpt, start = loop.latest_checkpoint(ckpt_dir, config_hash)
+    log = loop.TrainLog(out_dir, accelerator, cfg.report_to, vars(cfg))
+    if ckpt is not None:
+        accelerator.load_state(str(ckpt))
+        accelerator.print(f"resumed from {ckpt} (step {start})")
+    else:
+        log.reset()
+
+    ref_table = None  # [N, 2] reference log-probs when precomputed
+    if cfg.precompute_ref:
+        cache = ckpt_dir / "ref_logps.pt"
+        saved = torch.load(cache) if cache.exists() else None
+        if saved is not None and saved.get("config_hash") == config_hash and len(saved["logps"]) == len(pairs):
+            ref_table = saved["logps"]
+        else:
+            ref_table = precompute_reference(pairs, fmt, cfg, accelerator, ref_model, policy)
+            if accelerator.is_main_process and cfg.save_every:
+                ckpt_dir.mkdir(parents=True, exist_ok=True)
+                torch.save({"config_hash": config_hash, "logps": ref_table}, cache)
+        ref_model = None  # freed: never needed again
+
+    # -- loop --------------------------------------------------------------------------------------------------
+    history: list[dict] = []
+    first_loss = None
+    bar = tqdm(range(start, len(plan)), desc="dpo", disable=not accelerator.is_local_main_process, initial=start, total=len(plan))
+    for step in bar:
+        micro = []
+        for idx in plan[step]:
+            mine = loop.rank_slice(idx, accelerator.process_index, world)
+            mb = {k: v.to(accelerator.device) for k, v in collate_pairs([pairs[i] for i in mine], fmt.pad_id, cfg.mask_special_tokens).items()}
+            if ref_table is not None:
+                ref = ref_table[mine].to(accelerator.device)
+                mb["ref_chosen"], mb["ref_rejected"] = ref[:, 0], ref[:, 1]
+            else:
+                mb["ref_chosen"], mb["ref_rejected"] = reference_logps(mb, ref_model, policy)
+            micro.append(mb)
+        stats = dpo_step(model, micro, cfg, accelerator, world)
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        first_loss = stats["loss"] if first_loss is None else first_loss
+        history.append(stats)
+        bar.set_postfix(loss=f"{stats['loss']:.3f}", acc=f"{stats['rewards/accuracies']:.2f}")
+        if step % cfg.log_every == 0 or step == len(plan) - 1:
+            log.log(step, {**{f"train/{k}": stats[k] for k in (*METRICS, "dpo", "tokens")},
+                           "train/grad_norm": float(grad_norm), "train/lr": scheduler.get_last_lr()[0]})
+        if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < len(plan):
+            loop.save_checkpoint(accelerator, ckpt_dir, step + 1, config_hash)
+    log.close()
+
+    # -- save + eval -------------------------------------------------------------------------------------------
+    loop.save_model(model, fmt.tokenizer, out_dir / "model", accelerator)
+    tail = history[-max(1, min(len(history), cfg.log_every)) :]  # the last steps of this run
+    metrics = {"steps": len(plan), "first_loss": first_loss, "final_loss": history[-1]["loss"] if history else None,
+               **{k: round(sum(s[k] for s in tail) / len(tail), 6) for k in METRICS if tail},
+               "pairs": pair_counts, "data": report.to_dict(), "beta": cfg.beta, "nll_weight": cfg.nll_weight,
+               "mask_special_tokens": cfg.mask_special_tokens}
+    if accelerator.is_main_process and inputs.get("eval_prompts"):
+        from evals.gold import evaluate_policy
+
+        prompts, _ = load_prompts(inputs["eval_prompts"])
+        policy = loop.load_causal_lm(out_dir / "model", recipe.model.dtype)
+        metrics.update(evaluate_policy(policy, fmt, prompts, recipe.eval, seed=recipe.seed))
+    if accelerator.is_main_process:
+        import shutil
+
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+    return metrics

@@ -1,0 +1,121 @@
+"""Stage 1: supervised fine-tuning, loss on assistant tokens only.
+
+    python -m alignment.pipeline recipes/default.yaml --stage sft [sft.lr=1e-4 ...]     # via the pipeline
+    accelerate launch --config_file recipes/accelerate/<launcher>.yaml -m alignment.pipeline RECIPE --stage sft
+
+Setup -> loop -> save:
+- data: `messages` records, validated (bad records reported and skipped), tokenized by the shared chat
+  format: prompt, headers and BOS masked; assistant content and its <|eot_id|> trained.
+- loss: summed token NLL divided by the number of trained tokens of the whole optimizer step (all
+  micro-batches and all processes), so gradient accumulation equals one big batch.
+- checkpoints every `save_every` steps; a killed run resumes from the last complete one.
+- saves an HF model (safetensors, LoRA merged) that the reward, sampling and DPO stages load.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from alignment import loop
+from alignment.losses import masked_nll_sum
+from alignment.runs import hash_obj, read_json, write_json
+from data.chat_format import collate, load_tokenizer
+from data.validate import load_prompts, load_sft
+
+
+def sft_step(model, micro_batches: list[dict], accelerator, world_size: int) -> tuple[float, int]:
+    """Forward/backward over one optimizer step's micro-batches; returns (mean loss, trained tokens).
+
+    loss_i = nll_sum_i * world_size / N_step, where N_step counts trained tokens of every micro-batch on
+    every process; DDP then averages over processes, so the gradient is d(sum nll / N_step)."""
+    n_local = sum(int(mb["loss_mask"][:, 1:].sum()) for mb in micro_batches)
+    n_step = int(accelerator.reduce(torch.tensor(n_local, device=accelerator.device), "sum")) if world_size > 1 else n_local
+    total = 0.0
+    for i, mb in enumerate(micro_batches):
+        sync = i == len(micro_batches) - 1
+        with nullcontext() if sync or world_size == 1 else accelerator.no_sync(model):
+            logits = model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits  # [B, T, V]
+            nll, _ = masked_nll_sum(logits, mb["input_ids"], mb["loss_mask"])
+            loss = nll * world_size / max(1, n_step)
+            accelerator.backward(loss)
+            total += nll.item()
+    return total / max(1, n_local), n_step
+
+
+def main(recipe, out_dir: Path, inputs: dict) -> dict:
+    """inputs: model (HF dir with tokenizer), data (SFT records), eval_prompts (optional, default task)."""
+    cfg = recipe.sft
+    out_dir = Path(out_dir)
+    accelerator = loop.make_accelerator(out_dir, cfg.report_to)
+    torch.manual_seed(recipe.seed)
+
+    # -- setup ---------------------------------------------------------------------------------------
+    fmt = load_tokenizer(inputs["model"])
+    records, report = load_sft(inputs["data"], fmt, max_length=cfg.max_length, overlong=cfg.overlong)
+    for line in report.lines()[:20]:
+        accelerator.print(line)
+    if not records:
+        raise ValueError(f"{inputs['data']}: no usable SFT records")
+    examples = [r["encoded"] for r in records]
+
+    model = loop.load_causal_lm(inputs["model"], recipe.model.dtype)
+    reset = loop.init_special_embeddings(model, sorted(fmt.formatting_ids)) if cfg.init_special_embeddings else []
+    model = loop.apply_lora(model, cfg.lora)
+    model.train()
+
+    world = accelerator.num_processes
+    plan = loop.plan_steps(len(examples), cfg, world, recipe.seed)
+    optimizer, scheduler = loop.make_optimizer(model, cfg, len(plan))
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+
+    config_hash = hash_obj({"recipe": recipe.to_dict(), "inputs": {k: str(v) for k, v in inputs.items()}})
+    ckpt_dir = out_dir / "checkpoints"
+    ckpt, start = loop.latest_checkpoint(ckpt_dir, config_hash)
+    log = loop.TrainLog(out_dir, accelerator, cfg.report_to, vars(cfg))
+    if ckpt is not None:
+        accelerator.load_state(str(ckpt))
+        accelerator.print(f"resumed from {ckpt} (step {start})")
+    else:
+        log.reset()
+
+    # -- loop ----------------------------------------------------------------------------------------
+    first_loss = last_loss = None
+    bar = tqdm(range(start, len(plan)), desc="sft", disable=not accelerator.is_local_main_process, initial=start, total=len(plan))
+    for step in bar:
+        micro = []
+        for idx in plan[step]:
+            batch = [examples[i] for i in loop.rank_slice(idx, accelerator.process_index, world)]
+            micro.append({k: v.to(accelerator.device) for k, v in collate(batch, fmt.pad_id, "assistant").items()})
+        loss, n_tokens = sft_step(model, micro, accelerator, world)
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        first_loss = loss if first_loss is None else first_loss
+        last_loss = loss
+        bar.set_postfix(loss=f"{loss:.3f}")
+        if step % cfg.log_every == 0 or step == len(plan) - 1:
+            log.log(step, {"train/loss": loss, "train/grad_norm": float(grad_norm), "train/lr": scheduler.get_last_lr()[0], "train/tokens": n_tokens})
+        if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < len(plan):
+            loop.save_checkpoint(accelerator, ckpt_dir, step + 1, config_hash)
+    log.close()
+
+    # -- save + eval ---------------------------------------------------------------------------------
+    loop.save_model(model, fmt.tokenizer, out_dir / "model", accelerator)
+    metrics = {"steps": len(plan), "examples": len(examples), "first_loss": first_loss, "final_loss": last_loss,
+               "data": report.to_dict(), "special_embeddings_reset": reset}
+    if accelerator.is_main_process and inputs.get("eval_prompts"):
+        from evals.gold import evaluate_policy
+
+        prompts, _ = load_prompts(inputs["eval_prompts"])
+        policy = loop.load_causal_lm(out_dir / "model", recipe.model.dtype)
+        metrics.update(evaluate_policy(policy, fmt, prompts, recipe.eval, seed=recipe.seed))
+    if accelerator.is_main_process:
+        import shutil
+
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+    return metrics

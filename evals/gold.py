@@ -1,0 +1,75 @@
+"""Evaluate a policy on held-out prompts with the default task's gold judge.
+
+    gold_score: mean judge score in [0, 1] over `samples_per_prompt` sampled responses per prompt
+    pass_rate:  share of responses scored 1.0
+    mean_length: mean response length in tokens (eot excluded)
+    stop_rate:  share of responses that ended with <|eot_id|> (the model learned to stop)
+
+Sampling (temperature 1 by default) estimates the quality of the policy's whole distribution, which is what
+alignment changes; greedy decoding would only show its mode.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from data.chat_format import ChatFormat, pad_batch
+from data.default_task import gold_score
+
+
+@torch.no_grad()
+def generate(model, fmt: ChatFormat, prompts: list[list[dict]], max_new_tokens: int, temperature: float,
+             batch_size: int, seed: int, n: int = 1) -> list[list[list[int]]]:
+    """Sampled completions as token ids (eot kept when the model stopped), `n` per prompt."""
+    model.eval()
+    device = next(model.parameters()).device
+    out: list[list[list[int]]] = []
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    for i in range(0, len(prompts), batch_size):
+        chunk = [fmt.encode_prompt(p) for p in prompts[i : i + batch_size]]
+        ids = torch.tensor(pad_batch(chunk, fmt.pad_id, side="left"), device=device)
+        attn = torch.tensor(pad_batch([[1] * len(c) for c in chunk], 0, side="left"), device=device)
+        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+        res = model.generate(
+            input_ids=ids, attention_mask=attn, max_new_tokens=max_new_tokens, do_sample=temperature > 0,
+            temperature=temperature if temperature > 0 else None, top_p=1.0, top_k=0, num_return_sequences=n,
+            eos_token_id=fmt.stop_ids, pad_token_id=fmt.pad_id,
+        )
+        res = res[:, ids.shape[1] :].tolist()
+        for j in range(len(chunk)):
+            comps = []
+            for seq in res[j * n : (j + 1) * n]:
+                cut = next((k for k, t in enumerate(seq) if t in fmt.stop_ids), None)
+                comps.append(seq[: cut + 1] if cut is not None else [t for t in seq if t != fmt.pad_id])
+            out.append(comps)
+    return out
+
+
+def evaluate_policy(model, fmt: ChatFormat, records: list[dict], cfg, seed: int = 0) -> dict:
+    """Gold-judge figures of `model` on prompt records `{"prompt": [messages], "category"?}`."""
+    prompts = [r["prompt"] for r in records]
+    comps = generate(model, fmt, prompts, cfg.max_new_tokens, cfg.temperature, cfg.batch_size, seed, cfg.samples_per_prompt)
+    scores, lengths, stops = [], [], []
+    by_cat: dict[str, list[float]] = {}
+    samples = []
+    for r, cs in zip(records, comps):
+        for c in cs:
+            stopped = bool(c) and c[-1] in fmt.stop_ids
+            text = fmt.decode(c[:-1] if stopped else c)
+            s = gold_score(r["prompt"], text)
+            scores.append(s)
+            lengths.append(len(c) - int(stopped))
+            stops.append(stopped)
+            by_cat.setdefault(r.get("category", "all"), []).append(s)
+            if len(samples) < 12:
+                samples.append({"prompt": r["prompt"][-1]["content"], "response": text, "gold": s})
+    n = max(1, len(scores))
+    return {
+        "gold_score": round(sum(scores) / n, 4),
+        "pass_rate": round(sum(s == 1.0 for s in scores) / n, 4),
+        "mean_length": round(sum(lengths) / n, 2),
+        "stop_rate": round(sum(stops) / n, 4),
+        "gold_by_category": {k: round(sum(v) / len(v), 4) for k, v in sorted(by_cat.items())},
+        "n_responses": len(scores),
+        "samples": samples,
+    }

@@ -1,0 +1,95 @@
+"""Recipe config (typed, strict) and run folders (atomic writes, manifests, skip logic)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from alignment.config import ConfigError, load_recipe
+from alignment.runs import StageRun, atomic_open, hash_path, write_json
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_default_recipe_loads_with_types():
+    r = load_recipe(ROOT / "recipes/default.yaml")
+    assert r.name == "default" and r.dpo.beta == 0.1 and r.dpo.nll_weight == 0.2
+    assert isinstance(r.sft.lr, float) and r.reward.margin is False and r.reward.one_row is True
+
+
+def test_overrides_parse_yaml_scalars():
+    r = load_recipe(ROOT / "recipes/default.yaml", ["sft.lr=1e-4", "rounds=2", "dpo.mask_special_tokens=false", "sft.lora.r=8"])
+    assert r.sft.lr == 1e-4 and r.rounds == 2 and r.dpo.mask_special_tokens is False
+    assert r.sft.lora.r == 8 and r.sft.lora.alpha == 32
+
+
+@pytest.mark.parametrize("override,needle", [
+    (["sft.lrr=1"], "unknown config key 'sft.lrr' (did you mean 'sft.lr'?)"),
+    (["bogus=1"], "unknown config key 'bogus'"),
+    (["sft.batch_size=abc"], "'sft.batch_size' must be int"),
+    (["dpo.mask_special_tokens=3"], "'dpo.mask_special_tokens' must be bool"),
+    (["sft"], "expected key=value"),
+])
+def test_bad_keys_and_types_are_named(override, needle):
+    with pytest.raises(ConfigError) as e:
+        load_recipe(ROOT / "recipes/default.yaml", override)
+    assert needle in str(e.value)
+
+
+def test_unknown_key_in_file_names_file(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text("name: x\nsft:\n  learning_rate: 1\n")
+    with pytest.raises(ConfigError, match=r"r.yaml: unknown config key 'sft.learning_rate'"):
+        load_recipe(p)
+    p.write_text("name: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"r.yaml: line \d+ invalid YAML"):
+        load_recipe(p)
+
+
+def test_cli_reports_one_line_not_traceback(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text("name: x\nsft:\n  lrr: 1\n")
+    res = subprocess.run([sys.executable, "-m", "alignment.pipeline", str(p), "--stage", "prepare"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2
+    assert "Traceback" not in res.stderr
+    assert res.stderr.strip().splitlines()[-1] == f"error: {p}: unknown config key 'sft.lrr' (did you mean 'sft.lr'?)"
+
+
+def test_atomic_write_leaves_old_file_on_crash(tmp_path):
+    path = tmp_path / "a.json"
+    write_json(path, {"v": 1})
+    with pytest.raises(RuntimeError):
+        with atomic_open(path) as f:
+            f.write('{"v": 2, "torn')
+            raise RuntimeError("killed")
+    assert json.loads(path.read_text()) == {"v": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["a.json"]  # no temp file left behind
+
+
+def test_stage_skip_and_rerun_on_changed_input(tmp_path):
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("a\n")
+    out = tmp_path / "stage"
+    run = StageRun(out, "s", {"lr": 1}, {"data": inp}, template_hash="t1")
+    assert not run.is_up_to_date()
+    run.finish({"x": 1})
+    assert StageRun(out, "s", {"lr": 1}, {"data": inp}, template_hash="t1").is_up_to_date()
+    assert not StageRun(out, "s", {"lr": 2}, {"data": inp}, template_hash="t1").is_up_to_date()  # config changed
+    assert not StageRun(out, "s", {"lr": 1}, {"data": inp}, template_hash="t2").is_up_to_date()  # tokenizer changed
+    h = hash_path(inp)
+    inp.write_text("b\n")
+    assert hash_path(inp) != h
+    assert not StageRun(out, "s", {"lr": 1}, {"data": inp}, template_hash="t1").is_up_to_date()  # input changed
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["complete"] and m["template_hash"] == "t1" and "torch" in m["packages"] and m["wall_seconds"] >= 0
+
+
+def test_stage_refuses_input_with_other_template(tmp_path):
+    up = tmp_path / "up"
+    write_json(up / "manifest.json", {"template_hash": "aaa"})
+    run = StageRun(tmp_path / "down", "s", {}, {"data": up}, template_hash="bbb")
+    with pytest.raises(ValueError, match="made with tokenizer/template aaa"):
+        run.check_template(up)

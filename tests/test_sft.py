@@ -1,0 +1,119 @@
+"""SFT: loss normalisation under gradient accumulation, the eot label, and a smoke run on the tiny model."""
+
+import json
+import math
+
+import pytest
+import torch
+from accelerate import Accelerator
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from alignment.config import load_recipe
+from alignment.losses import masked_nll_sum, token_logps
+from alignment.sft import sft_step
+from data.chat_format import collate
+
+
+def tiny_lm(fmt, seed=0):
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(fmt.tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, head_dim=32, rope_theta=500000.0,
+                      pad_token_id=fmt.pad_id)
+    return LlamaForCausalLM(cfg)
+
+
+CONVS = [
+    [{"role": "user", "content": "Say the first word of: river stone cloud."}, {"role": "assistant", "content": "river"}],
+    [{"role": "user", "content": "Copy the words: apple lemon tiger piano."}, {"role": "assistant", "content": "Sure! Here it is: apple lemon tiger piano"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say the last word of: a b c."}, {"role": "assistant", "content": "c. Hope this helps!"}],
+    [{"role": "user", "content": "Copy the words: stone cloud."}, {"role": "assistant", "content": "stone"},
+     {"role": "user", "content": "And again?"}, {"role": "assistant", "content": "stone cloud"}],
+]
+
+
+def test_masked_nll_by_hand():
+    # vocab 2, uniform logits: every trained token costs ln 2.
+    logits = torch.zeros(1, 4, 2)
+    ids = torch.tensor([[0, 1, 0, 1]])
+    mask = torch.tensor([[0, 0, 1, 1]])  # tokens 2 and 3 are labels
+    nll, n = masked_nll_sum(logits, ids, mask)
+    assert n.item() == 2
+    assert nll.item() == pytest.approx(2 * math.log(2))
+    assert token_logps(logits, ids).dtype == torch.float32
+
+
+def test_eot_label_survives_collation(tiny_fmt):
+    batch = [tiny_fmt.encode(c) for c in CONVS]
+    b = collate(batch, tiny_fmt.pad_id, "assistant")
+    for row, enc in enumerate(batch):
+        n = len(enc)
+        assert b["input_ids"][row, n - 1].item() == tiny_fmt.eot_id
+        assert b["loss_mask"][row, n - 1].item() == 1  # the final eot is trained: the model learns to stop
+        assert b["loss_mask"][row, n:].sum().item() == 0  # pad never trained
+        assert (b["input_ids"][row, n:] == tiny_fmt.pad_id).all()
+        assert tiny_fmt.pad_id not in (tiny_fmt.eot_id, tiny_fmt.eos_id)
+        assert b["attention_mask"][row].sum().item() == n
+
+
+def _grads(model):
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+
+
+def test_gradient_accumulation_equivalence(tiny_fmt):
+    """batch 4 x 1 micro-step == batch 1 x 4 micro-steps: same loss and gradients on variable-length data."""
+    acc = Accelerator(cpu=True)
+    enc = [tiny_fmt.encode(c) for c in CONVS]
+    assert len({sum(e.assistant_mask) for e in enc}) > 1  # different numbers of trained tokens per row
+
+    model = tiny_lm(tiny_fmt)
+    big = [collate(enc, tiny_fmt.pad_id, "assistant")]
+    loss_big, n_big = sft_step(model, big, acc, world_size=1)
+    g_big = _grads(model)
+
+    model.zero_grad()
+    small = [collate([e], tiny_fmt.pad_id, "assistant") for e in enc]
+    loss_small, n_small = sft_step(model, small, acc, world_size=1)
+    g_small = _grads(model)
+
+    assert n_big == n_small
+    assert loss_big == pytest.approx(loss_small, rel=1e-5)
+    for name in g_big:
+        torch.testing.assert_close(g_small[name], g_big[name], rtol=1e-4, atol=1e-6)
+
+    # Per-micro-batch normalisation (the common bug) would give a different gradient here.
+    model.zero_grad()
+    for mb in small:
+        logits = model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits
+        nll, n = masked_nll_sum(logits, mb["input_ids"], mb["loss_mask"])
+        (nll / n / len(small)).backward()
+    wrong = _grads(model)
+    assert any(not torch.allclose(wrong[k], g_big[k], rtol=1e-3, atol=1e-6) for k in g_big)
+
+
+def test_sft_smoke_every_parameter_changes(tmp_path, tiny_fmt):
+    """A few SFT steps on the tiny model: every trainable parameter changes and the loss falls."""
+    from alignment import sft
+    from alignment.runs import write_jsonl
+    from safetensors.torch import load_file
+
+    model_dir = tmp_path / "base"
+    model = tiny_lm(tiny_fmt)
+    model.save_pretrained(model_dir, safe_serialization=True)
+    tiny_fmt.tokenizer.save_pretrained(model_dir)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    data = tmp_path / "sft.jsonl"
+    from data.default_task import generate
+
+    records = generate(seed=1, n_sft=24, n_preference=0, n_eval_preference=0, n_eval_prompts=0, n_sampling_prompts=0)["sft"]
+    write_jsonl(data, records + [{"messages": [{"role": "user", "content": "no answer"}]}])
+    recipe = load_recipe(None, ["sft.lr=1e-2", "sft.max_steps=12", "sft.batch_size=4", "sft.report_to=none", "sft.warmup_ratio=0"])
+    metrics = sft.main(recipe, tmp_path / "out", {"model": model_dir, "data": data})
+    after = load_file(tmp_path / "out" / "model" / "model.safetensors")
+    unchanged = [k for k, v in before.items() if torch.equal(v, after[k])]
+    assert unchanged == []
+    assert metrics["final_loss"] < metrics["first_loss"]
+    # the record not ending with the assistant is reported and skipped, never fatal
+    assert metrics["data"]["counts"] == {"not_ending_with_assistant": 1}
+    assert metrics["data"]["n_in"] == 25 and metrics["data"]["n_kept"] == 24
+    log = [json.loads(l) for l in open(tmp_path / "out" / "train_log.jsonl")]
+    assert log and "train/loss" in log[0]
