@@ -63,6 +63,8 @@ class ModelConfig:
     intermediate_size: int = 352
     vocab_size: int = 1024
     max_position_embeddings: int = 512
+    pretrain_steps: int = 0  # tiny only: plain-text pretraining steps before SFT (see data/tiny.py)
+    pretrain_lr: float = 3e-3
 
 
 @dataclass

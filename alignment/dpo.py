@@ -11,7 +11,9 @@ Setup -> reference log-probs -> loop -> save:
   `edited` is present, else (chosen, rejected).
 - masks: the final assistant turn only; with `mask_special_tokens` (default, Llama 3) its formatting tokens
   (<|eot_id|>, headers, pad) are masked out of the log-probs of chosen AND rejected, in the DPO term and in
-  the NLL term. Off: plain DPO on the completions, eot included (TRL's masks).
+  the NLL term. Off: plain DPO on the completions, eot included (TRL's masks). `nll_mask_special_tokens`
+  off keeps the chosen response's eot in the NLL term only (the DPO term stays masked): with the eot masked
+  everywhere nothing rewards stopping, and a small model learns to append its chosen data's chatter.
 - loss (alignment.losses.dpo_nll_loss): DPO averaged over the pairs of the optimizer step + nll_weight x the
   chosen responses' NLL summed over the step and divided by the step's chosen-token count (all micro-batches,
   all processes), so gradient accumulation equals one big batch. Log-probs are float32 sums over tokens.
@@ -35,7 +37,7 @@ import torch
 from tqdm import tqdm
 
 from alignment import loop
-from alignment.losses import dpo_nll_loss, sequence_logps
+from alignment.losses import dpo_nll_loss, token_logps
 from alignment.runs import hash_obj
 from data.chat_format import ChatFormat, Encoded, collate, load_tokenizer
 from data.validate import load_preferences, load_prompts, prompt_keys
@@ -77,21 +79,31 @@ def build_pairs(records: list[dict], fmt: ChatFormat, max_length: int) -> tuple[
     return pairs, counts
 
 
-def collate_pairs(pairs: list[tuple[Encoded, Encoded]], pad_id: int, mask_special_tokens: bool) -> dict:
+def collate_pairs(pairs: list[tuple[Encoded, Encoded]], pad_id: int, mask_special_tokens: bool = True,
+                  nll_mask_special_tokens: bool = True) -> dict:
     """One batch of 2B rows, the B chosen sequences first, then the B rejected ones (one forward pass).
 
-    input_ids, attention_mask, loss_mask: [2B, T]; loss_mask is the final assistant turn, formatting
-    tokens removed when `mask_special_tokens`."""
+    input_ids, attention_mask, loss_mask: [2B, T]; loss_mask (the DPO term's) is the final assistant turn,
+    formatting tokens removed when `mask_special_tokens`. nll_mask: [B, T], the chosen rows' mask for the
+    NLL term: the same, except that it keeps the eot when `nll_mask_special_tokens` is off."""
     seqs = [c for c, _ in pairs] + [r for _, r in pairs]
-    return collate(seqs, pad_id, mask="completion", mask_special_tokens=mask_special_tokens)
+    batch = collate(seqs, pad_id, mask="completion", mask_special_tokens=mask_special_tokens)
+    nll_special = mask_special_tokens and nll_mask_special_tokens
+    nll = batch if nll_special == mask_special_tokens else collate(seqs, pad_id, "completion", nll_special)
+    batch["nll_mask"] = nll["loss_mask"][: len(pairs)]
+    return batch
 
 
 # -- log-probs ------------------------------------------------------------------------------------------------
-def pair_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed float32 completion log-probs of a collated pair batch: (chosen [B], rejected [B])."""
+def pair_logps(model, batch: dict, nll: bool = False) -> tuple[torch.Tensor, ...]:
+    """Summed float32 completion log-probs of a collated pair batch: (chosen [B], rejected [B]), and with
+    `nll` the chosen ones under the NLL term's mask too ([B]); one forward pass, one log-softmax."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # [2B, T, V]
-    logps, _ = sequence_logps(logits, batch["input_ids"], batch["loss_mask"])  # [2B]
-    return logps.chunk(2)
+    tok = token_logps(logits, batch["input_ids"])  # [2B, T-1] float32
+    pc, pr = (tok * batch["loss_mask"][:, 1:]).sum(-1).chunk(2)  # [B], [B]
+    if not nll:
+        return pc, pr
+    return pc, pr, (tok[: pc.numel()] * batch["nll_mask"][:, 1:]).sum(-1)
 
 
 def load_reference(path, dtype: str):
@@ -127,8 +139,8 @@ def precompute_reference(pairs, fmt: ChatFormat, cfg, accelerator, ref_model=Non
     bar = tqdm(range(0, len(mine), bs), desc="reference log-probs", disable=not accelerator.is_local_main_process)
     for i in bar:
         idx = mine[i : i + bs]
-        batch = {k: v.to(accelerator.device) for k, v in collate_pairs([pairs[j] for j in idx], fmt.pad_id, cfg.mask_special_tokens).items()}
-        rc, rr = reference_logps(batch, ref_model, policy)
+        batch = collate_pairs([pairs[j] for j in idx], fmt.pad_id, cfg.mask_special_tokens)
+        rc, rr = reference_logps({k: v.to(accelerator.device) for k, v in batch.items()}, ref_model, policy)
         out[i : i + len(idx)] = torch.stack([rc, rr], -1)
     if world > 1:
         out = accelerator.gather(out)  # [world * shard, 2], in rank order
@@ -139,24 +151,26 @@ def precompute_reference(pairs, fmt: ChatFormat, cfg, accelerator, ref_model=Non
 def dpo_step(model, micro_batches: list[dict], cfg, accelerator, world_size: int) -> dict:
     """Forward/backward over one optimizer step's micro-batches; returns the step's metrics.
 
-    Each micro-batch holds a collated pair batch ([2B, T], chosen first) and `ref_chosen`, `ref_rejected`
-    ([B]). loss_i = dpo_nll_loss(..., n_pairs=P_step, n_chosen_tokens=N_step) * world_size, where P_step and
-    N_step count the pairs and chosen tokens of every micro-batch on every process; DDP averages over
-    processes, so the gradient is d(sum dpo / P_step + w * sum nll / N_step) whatever the accumulation."""
+    Each micro-batch holds a collated pair batch ([2B, T], chosen first; `nll_mask` [B, T]) and
+    `ref_chosen`, `ref_rejected` ([B]). loss_i = dpo_nll_loss(..., n_pairs=P_step, n_chosen_tokens=N_step)
+    * world_size, where P_step and N_step count the pairs and NLL tokens of every micro-batch on every
+    process; DDP averages over processes, so the gradient is d(sum dpo / P_step + w * sum nll / N_step)
+    whatever the accumulation and the number of processes."""
     local = torch.tensor([sum(mb["ref_chosen"].numel() for mb in micro_batches),
-                          sum(int(mb["loss_mask"][: mb["ref_chosen"].numel(), 1:].sum()) for mb in micro_batches)],
+                          sum(int(mb["nll_mask"][:, 1:].sum()) for mb in micro_batches)],
                          dtype=torch.float64, device=accelerator.device)
     n_pairs, n_tokens = (accelerator.reduce(local, "sum") if world_size > 1 else local).tolist()
     sums = torch.zeros(7, dtype=torch.float64, device=accelerator.device)
     for i, mb in enumerate(micro_batches):
         sync = i == len(micro_batches) - 1
         with nullcontext() if sync or world_size == 1 else accelerator.no_sync(model):
-            pc, pr = pair_logps(model, mb)  # [B], [B]
+            pc, pr, pc_nll = pair_logps(model, mb, nll=True)  # [B] each
             loss, losses, cr, rr = dpo_nll_loss(pc, pr, mb["ref_chosen"], mb["ref_rejected"], cfg.beta, cfg.nll_weight,
-                                                n_chosen_tokens=n_tokens, n_pairs=n_pairs)
+                                                n_chosen_tokens=n_tokens, n_pairs=n_pairs, chosen_nll_logps=pc_nll)
             accelerator.backward(loss * world_size)
             pc, pr = pc.detach(), pr.detach()
-            sums += torch.stack([losses.detach().sum(), -pc.sum(), cr.sum(), rr.sum(), (cr > rr).float().sum(), pc.sum(), pr.sum()]).double()
+            sums += torch.stack([losses.detach().sum(), -pc_nll.detach().sum(), cr.sum(), rr.sum(),
+                                 (cr > rr).float().sum(), pc.sum(), pr.sum()]).double()
     if world_size > 1:
         sums = accelerator.reduce(sums, "sum")
     dpo_sum, nll_sum, cr_sum, rr_sum, acc_sum, pc_sum, pr_sum = sums.tolist()
@@ -231,7 +245,8 @@ def main(recipe, out_dir: Path, inputs: dict) -> dict:
         micro = []
         for idx in plan[step]:
             mine = loop.rank_slice(idx, accelerator.process_index, world)
-            mb = {k: v.to(accelerator.device) for k, v in collate_pairs([pairs[i] for i in mine], fmt.pad_id, cfg.mask_special_tokens).items()}
+            batch = collate_pairs([pairs[i] for i in mine], fmt.pad_id, cfg.mask_special_tokens, cfg.nll_mask_special_tokens)
+            mb = {k: v.to(accelerator.device) for k, v in batch.items()}
             if ref_table is not None:
                 ref = ref_table[mine].to(accelerator.device)
                 mb["ref_chosen"], mb["ref_rejected"] = ref[:, 0], ref[:, 1]
@@ -259,7 +274,8 @@ def main(recipe, out_dir: Path, inputs: dict) -> dict:
     metrics = {"steps": len(plan), "first_loss": first_loss, "final_loss": history[-1]["loss"] if history else None,
                **{k: round(sum(s[k] for s in tail) / len(tail), 6) for k in METRICS if tail},
                "pairs": pair_counts, "data": report.to_dict(), "beta": cfg.beta, "nll_weight": cfg.nll_weight,
-               "mask_special_tokens": cfg.mask_special_tokens}
+               "mask_special_tokens": cfg.mask_special_tokens,
+               "nll_mask_special_tokens": cfg.nll_mask_special_tokens}
     if accelerator.is_main_process and inputs.get("eval_prompts"):
         from evals.gold import evaluate_policy
 

@@ -63,11 +63,15 @@ def prepare(recipe, out: Path) -> dict:
         from data import default_task
         from data.tiny import make_model, train_tokenizer
 
-        texts = default_task.corpus(sets) if task.kind == "default" else []
+        corpus = default_task.corpus(sets) if task.kind == "default" else []
         tmp = out / "model.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        fmt = train_tokenizer(texts, tmp, mcfg.vocab_size)
-        model = make_model(fmt, tmp, mcfg, seed=recipe.seed)
+        fmt = train_tokenizer(corpus, tmp, mcfg.vocab_size)
+        pretrain_texts = default_task.pretraining_text if task.kind == "default" else None
+        model = make_model(fmt, tmp, mcfg, seed=recipe.seed, texts=pretrain_texts)
+        if getattr(model, "pretrain_losses", None):
+            metrics["pretrain_loss_first"] = round(model.pretrain_losses[0], 4)
+            metrics["pretrain_loss_final"] = round(sum(model.pretrain_losses[-10:]) / 10, 4)
         shutil.rmtree(model_dir, ignore_errors=True)
         tmp.rename(model_dir)
         metrics["parameters"] = sum(p.numel() for p in model.parameters())

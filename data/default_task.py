@@ -1,12 +1,12 @@
 """The embedded default task: short instructions with one exactly right answer, and a gold judge.
 
 The judge stands in for human raters: it scores any response to any of the task's prompts, so we can
-see whether alignment improves the model. Three categories, each a small reading task that a tiny model
-can learn on a CPU in a minute or two:
+see whether alignment improves the model. Three categories of short factual questions, each answered by
+one word that a tiny model can learn on a CPU in a minute or two:
 
-    first  "Say the first word of: river stone cloud."  -> "river"
-    last   "Say the last word of: river stone cloud."   -> "cloud"
-    copy   "Copy the words: river stone cloud."         -> "river stone cloud"
+    sound     "Maria asks: what sound does a cow make?"    -> "moo"
+    color     "Omar wonders: what color is a banana?"      -> "yellow"
+    opposite  "Lena wants to know: what is the opposite of hot?" -> "cold"
 
 Gold score of a response: 1.0 if it is exactly the answer; 0.5 if it holds the answer as a clause of its
 own wrapped in chatter ("Sure! Here it is: ..."); 0.0 otherwise. Pass = score 1.0.
@@ -23,54 +23,51 @@ from __future__ import annotations
 import random
 import re
 
-WORDS = (
-    "apple river stone cloud tiger lemon piano rocket forest candle garden silver orange planet window "
-    "dragon pepper castle marble rabbit violin meadow thunder pencil harbor falcon winter summer basket "
-    "copper island mirror banana jacket ladder saddle tomato velvet wizard anchor"
-).split()
-CATEGORIES = ("first", "last", "copy")
+FACTS = {
+    "sound": {"cow": "moo", "dog": "woof", "cat": "meow", "duck": "quack", "sheep": "baa", "lion": "roar",
+              "owl": "hoot", "snake": "hiss", "horse": "neigh", "pig": "oink", "bee": "buzz", "frog": "croak"},
+    "color": {"banana": "yellow", "grass": "green", "sky": "blue", "snow": "white", "coal": "black", "cherry": "red",
+              "carrot": "orange", "plum": "purple", "chocolate": "brown", "flamingo": "pink", "elephant": "gray",
+              "lemon": "yellow"},
+    "opposite": {"hot": "cold", "big": "small", "fast": "slow", "up": "down", "happy": "sad", "light": "dark",
+                 "early": "late", "open": "closed", "hard": "soft", "full": "empty", "loud": "quiet", "old": "new"},
+}
+CATEGORIES = tuple(FACTS)
+QUESTIONS = {"sound": "what sound does a {} make?", "color": "what color is a {}?", "opposite": "what is the opposite of {}?"}
+NAMES = ("Maria Omar Lena Kenji Ava Noah Priya Lucas Zara Ivan Chloe Mateo Amara Felix Hana Diego Sofia Yusuf Nina "
+         "Leo Ines Tariq Mila Oscar Aiko Ravi Elena Jonas Fatima Hugo").split()
+VERBS = ("asks", "wonders", "wants to know", "would like to know", "is curious")
 CHATTER_PREFIX = ("Sure! Here it is:", "Of course, the answer is:", "Here you go:", "Happy to help:")
 CHATTER_SUFFIX = ("Hope this helps!", "Let me know if you need more.")
 # Mixture of the SFT demonstrations: exact, chatty (gold 0.5), wrong (gold 0).
 SFT_MIX = {"exact": 0.40, "chatty": 0.35, "wrong": 0.25}
 LABEL_NOISE = 0.03
 
-_PATTERNS = {
-    "first": re.compile(r"^Say the first word of: ([a-z ]+)\.$"),
-    "last": re.compile(r"^Say the last word of: ([a-z ]+)\.$"),
-    "copy": re.compile(r"^Copy the words: ([a-z ]+)\.$"),
-}
-_PHRASES = {"first": "Say the first word of", "last": "Say the last word of", "copy": "Copy the words"}
+_PATTERN = re.compile(r"^([A-Z][a-z]+) ([a-z ]+): (what sound does a (\w+) make|what color is a (\w+)|what is the opposite of (\w+))\?$")
 
 
 # -- prompts and answers --------------------------------------------------------------------------------
 def make_prompt(rng: random.Random, category: str) -> str:
-    return f"{_PHRASES[category]}: {' '.join(rng.sample(WORDS, rng.randint(3, 4)))}."
+    item = rng.choice(sorted(FACTS[category]))
+    return f"{rng.choice(NAMES)} {rng.choice(VERBS)}: {QUESTIONS[category].format(item)}"
 
 
 def parse_prompt(text: str) -> tuple[str, str] | None:
     """(category, exact answer) for a task prompt, or None if the text is not one of the task's prompts."""
-    text = text.strip()
-    for cat, pat in _PATTERNS.items():
-        m = pat.match(text)
-        if m:
-            words = m.group(1).split()
-            return cat, {"first": words[0], "last": words[-1], "copy": " ".join(words)}[cat]
+    m = _PATTERN.match(text.strip())
+    if not m:
+        return None
+    for cat, item in zip(CATEGORIES, m.groups()[3:]):
+        if item is not None:
+            answer = FACTS[cat].get(item)
+            return (cat, answer) if answer else None
     return None
 
 
 def wrong_answer(rng: random.Random, prompt: str) -> str:
-    """A plausible mistake: another word of the list, or the list out of order / missing a word."""
+    """A plausible mistake: the answer to another question of the same kind."""
     cat, answer = parse_prompt(prompt)
-    words = _PATTERNS[cat].match(prompt.strip()).group(1).split()
-    if cat in ("first", "last"):
-        return rng.choice([w for w in words if w != answer])
-    if rng.random() < 0.5:
-        return " ".join(words[:-1])
-    out = words[:]
-    while out == words:
-        rng.shuffle(out)
-    return " ".join(out)
+    return rng.choice(sorted({v for v in FACTS[cat].values() if v != answer}))
 
 
 def chatty_answer(rng: random.Random, answer: str) -> str:
@@ -161,6 +158,19 @@ def generate(seed: int = 0, n_sft: int = 2000, n_preference: int = 2000, n_eval_
     }
 
 
+def pretraining_text(rng: random.Random) -> str:
+    """A line of the tiny base model's pretraining corpus: questions of the task followed by their answers.
+
+    Plain text with no chat format and no chatter, as web text would hold: it gives the randomly
+    initialised model the knowledge a real base model brings to SFT. SFT then teaches the chat format,
+    when to stop, and (from the imperfect demonstrations) the habits that alignment must remove."""
+    lines = []
+    for _ in range(4):
+        p = make_prompt(rng, rng.choice(CATEGORIES))
+        lines.append(f"{p} {parse_prompt(p)[1]}")
+    return "\n".join(lines)
+
+
 def corpus(datasets: dict[str, list[dict]]) -> list[str]:
     """Every text of the task (for training the tiny tokenizer), plus each category's wrong/chatty forms."""
     texts = []
@@ -170,6 +180,6 @@ def corpus(datasets: dict[str, list[dict]]) -> list[str]:
                 texts += [m["content"] for m in r.get(key, [])]
     rng = random.Random(1)
     texts += list(CHATTER_PREFIX) + list(CHATTER_SUFFIX)
-    texts += [" ".join(WORDS)]
+    texts += [" ".join(FACTS[c]) + " " + " ".join(FACTS[c].values()) for c in CATEGORIES]
     texts += [respond(rng, make_prompt(rng, c), "wrong") for c in CATEGORIES for _ in range(50)]
     return texts

@@ -4,7 +4,9 @@ The tokenizer is a byte-level BPE with Llama 3's pre-tokenizer regex and Llama 3
 (`<|begin_of_text|>`, `<|start_header_id|>`, `<|end_header_id|>`, `<|eot_id|>`, `<|end_of_text|>`, and the
 pad token `<|finetune_right_pad_id|>`), trained on the task's texts. The model is `LlamaForCausalLM` with
 grouped-query attention, RoPE theta 500,000, SwiGLU and RMSNorm (eps 1e-5), no biases, randomly
-initialised from a seed; head_dim is 32 (vLLM's CPU backend needs >= 32). Nothing is downloaded.
+initialised from a seed; head_dim is 32 (vLLM's CPU backend needs >= 32). `pretrain` then gives it a short
+plain-text pretraining (no chat format), so that, like a real base model, it can read and copy words
+before SFT. Nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -47,8 +49,8 @@ def train_tokenizer(texts: list[str], out_dir: str | os.PathLike, vocab_size: in
     return load_tokenizer(out_dir)
 
 
-def make_model(fmt, out_dir: str | os.PathLike, cfg, seed: int = 0):
-    """Create and save (safetensors) a randomly initialised tiny Llama for the tokenizer of `fmt`."""
+def make_model(fmt, out_dir: str | os.PathLike, cfg, seed: int = 0, texts=None):
+    """Create a tiny Llama for the tokenizer of `fmt`, pretrain it on `texts` (if given), save (safetensors)."""
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
@@ -78,6 +80,39 @@ def make_model(fmt, out_dir: str | os.PathLike, cfg, seed: int = 0):
     model = LlamaForCausalLM(config)
     model.generation_config = GenerationConfig(bos_token_id=fmt.bos_id, eos_token_id=[fmt.eot_id, fmt.eos_id],
                                                pad_token_id=fmt.pad_id)
+    if texts is not None and cfg.pretrain_steps > 0:
+        model.pretrain_losses = pretrain(model, fmt, texts, cfg.pretrain_steps, cfg.pretrain_lr, seed=seed)
     model.save_pretrained(str(out_dir), safe_serialization=True)
     fmt.tokenizer.save_pretrained(str(out_dir))
     return model
+
+
+def pretrain(model, fmt, texts, steps: int, lr: float, batch_size: int = 32, seed: int = 0) -> list[float]:
+    """Next-token pretraining on plain texts (every token a label): the tiny base model's "pretraining".
+
+    `texts(rng)` returns one training text. Returns the loss curve (one value per step)."""
+    import random
+
+    import torch
+
+    from data.chat_format import pad_batch
+
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20))
+    model.train()
+    losses = []
+    for _ in range(steps):
+        seqs = [[fmt.bos_id] + fmt.text_ids(texts(rng)) + [fmt.eos_id] for _ in range(batch_size)]
+        ids = torch.tensor(pad_batch(seqs, fmt.pad_id))
+        attn = torch.tensor(pad_batch([[1] * len(x) for x in seqs], 0))
+        loss = model(input_ids=ids, attention_mask=attn, labels=ids.masked_fill(attn == 0, -100)).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    model.eval()
+    return losses
