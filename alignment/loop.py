@@ -29,14 +29,16 @@ def load_causal_lm(path: str | os.PathLike, dtype: str = "float32"):
     return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype(dtype), use_safetensors=True, trust_remote_code=False)
 
 
-def apply_lora(model, lora_cfg):
-    """Wrap `model` with peft LoRA adapters when the stage config asks for them."""
+def apply_lora(model, lora_cfg, task_type: str = "CAUSAL_LM"):
+    """Wrap `model` with peft LoRA adapters when the stage config asks for them.
+
+    task_type: CAUSAL_LM for policies; SEQ_CLS for the reward model (its score head stays fully trained)."""
     if lora_cfg is None:
         return model
     from peft import LoraConfig, get_peft_model
 
     cfg = LoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
-                     target_modules=list(lora_cfg.target_modules), task_type="CAUSAL_LM")
+                     target_modules=list(lora_cfg.target_modules), task_type=task_type)
     return get_peft_model(model, cfg)
 
 

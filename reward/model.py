@@ -1,0 +1,249 @@
+"""The reward model: the policy architecture with a scalar head, and how sequences are scored.
+
+    model = init_reward_model("runs/default/sft/model", fmt.pad_id)       # training: SFT weights + new head
+    model = load_reward_model("runs/default/reward/model")                # sampling: a trained reward model
+    rewards = score_sequences(model, fmt, [fmt.encode_preference(prompt, response), ...], batch_size=16)
+
+The model is `AutoModelForSequenceClassification` (for Llama: `LlamaForSequenceClassification`) with
+num_labels = 1, loaded from safetensors, no remote code. Its head `score` is newly initialised from an SFT
+causal LM (normal, std 1/sqrt(hidden + 1), so initial rewards are O(1)). We never use HF's pooled output,
+which finds the "last non-pad token" by comparing ids with the pad id: the reward of a response is read
+from the backbone's final hidden state at the response's final token (its `<|eot_id|>`), at an index this
+module computes from the sequence lengths, whatever the padding side or amount.
+
+Two ways to lay out a preference row, both scored through `RewardScorer`:
+
+- separate rows (`collate_separate`): one sequence per response, padded, 2D attention mask, position ids
+  counted over real tokens only (so left padding changes nothing);
+- one row (`collate_one_row`, Llama 3): the prompt and its 2-3 responses in one sequence,
+  ``[prompt][response A][response B][response C]``, order shuffled, prompt encoded once. A 4D mask makes
+  it exact, not an approximation:
+
+      key ->        prompt   A        B
+      prompt        causal   -        -
+      A             all      causal   -
+      B             all      -        causal
+
+  and each response's position ids restart at the prompt's end, so every token sees the same keys at
+  the same positions as in its own row: the scores equal separate rows (tests check 1e-5 in fp32).
+  Pad positions attend only to themselves (a fully masked row would give NaN) and nothing attends to them.
+  transformers passes a 4D mask through to the attention function untouched (`masking_utils`
+  `_preprocess_mask_arguments`); eager attention adds it to the scores, SDPA takes it as `attn_mask`, so
+  the mask is additive float: 0 = attend, finfo.min = masked.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+
+import torch
+from torch import nn
+
+from data.chat_format import Encoded
+
+
+# -- loading --------------------------------------------------------------------------------------------
+def _load(path, dtype: str, attn_implementation: str, **kwargs):
+    """(model, loading info). HF's load report is silenced: the callers check the missing keys themselves
+    (a causal LM has no `score` and an unused `lm_head`; anything else missing is an error)."""
+    from transformers import AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    from alignment.loop import torch_dtype
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            str(path), num_labels=1, dtype=torch_dtype(dtype), use_safetensors=True, trust_remote_code=False,
+            attn_implementation=attn_implementation, output_loading_info=True, **kwargs)
+    finally:
+        hf_logging.set_verbosity(level)
+    missing = sorted(k for k in info["missing_keys"] if not k.startswith("score."))
+    if missing:
+        raise ValueError(f"{path}: weights missing for {type(model).__name__}: {', '.join(missing[:4])}")
+    return model, info
+
+
+def init_reward_model(path: str | os.PathLike, pad_id: int, dtype: str = "float32", attn_implementation: str = "sdpa",
+                      seed: int = 0) -> tuple[nn.Module, bool]:
+    """A sequence-classification model from a causal LM (SFT or base) or reward model folder.
+
+    Returns (model, new_head). A head missing from the checkpoint is initialised normal(0, 1/sqrt(hidden+1))
+    from `seed`; a reward model's own head is kept."""
+    model, info = _load(path, dtype, attn_implementation, pad_token_id=pad_id)
+    model.config.pad_token_id = pad_id
+    new_head = any(k.startswith("score.") for k in info["missing_keys"])
+    if new_head:
+        hidden = model.score.weight.shape[1]
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            w = torch.randn(model.score.weight.shape, generator=gen) / math.sqrt(hidden + 1)
+            model.score.weight.copy_(w.to(model.score.weight.dtype))
+    return model, new_head
+
+
+def load_reward_model(path: str | os.PathLike, dtype: str = "float32", attn_implementation: str = "sdpa") -> nn.Module:
+    """A trained reward model folder (as the reward stage saves it), in eval mode, for scoring."""
+    model, info = _load(path, dtype, attn_implementation)
+    if any(k.startswith("score.") for k in info["missing_keys"]):
+        raise ValueError(f"{path}: not a trained reward model (no `score` head weights)")
+    if model.config.pad_token_id is None:
+        raise ValueError(f"{path}: reward model config has no pad_token_id")
+    return model.eval()
+
+
+def apply_lora(model, lora_cfg):
+    """LoRA adapters for a sequence-classification model (peft task SEQ_CLS: the head stays fully trained)."""
+    from alignment.loop import apply_lora as _apply
+
+    return _apply(model, lora_cfg, task_type="SEQ_CLS")
+
+
+def hf_model(model) -> nn.Module:
+    """The HF sequence-classification model inside a RewardScorer / peft / DDP wrapper."""
+    while True:
+        if isinstance(model, RewardScorer):
+            model = model.model
+        elif hasattr(model, "get_base_model"):
+            model = model.get_base_model()
+        elif hasattr(model, "module") and isinstance(model.module, nn.Module):
+            model = model.module
+        else:
+            return model
+
+
+# -- scoring ----------------------------------------------------------------------------------------------
+class RewardScorer(nn.Module):
+    """Backbone + scalar head, read at given positions. Wrap this (not the HF model) with accelerate/DDP,
+    so that its forward is the one that runs and gradients synchronise."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, position_ids, index) -> torch.Tensor:
+        """input_ids [B, T]; attention_mask [B, T] (1 = real) or [B, 1, T, T] additive float; position_ids
+        [B, T]; index [N, 2] (row, position) of each reward -> rewards [N] float32."""
+        hf = hf_model(self.model)
+        hidden = hf.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                          use_cache=False).last_hidden_state  # [B, T, H]
+        h = hidden[index[:, 0], index[:, 1]]  # [N, H]
+        return hf.score(h).squeeze(-1).float()  # [N]
+
+
+def collate_separate(encs: list[Encoded], pad_id: int, side: str = "right", pad_to: int = 0) -> dict:
+    """One row per sequence, padded on `side` to max(longest, pad_to). Reward index: each row's last real
+    token (its final <|eot_id|>), from the lengths. Position ids count real tokens only."""
+    T = max(max(len(e) for e in encs), pad_to)
+    ids = torch.full((len(encs), T), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(encs), T), dtype=torch.long)
+    last = []
+    for b, e in enumerate(encs):
+        n = len(e)
+        start = 0 if side == "right" else T - n
+        ids[b, start : start + n] = torch.tensor(e.input_ids)
+        attn[b, start : start + n] = 1
+        last.append(start + n - 1)
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)
+    index = torch.stack([torch.arange(len(encs)), torch.tensor(last)], -1)
+    return {"input_ids": ids, "attention_mask": attn, "position_ids": pos, "index": index}
+
+
+def split_prompt(encs: list[Encoded]) -> tuple[list[int], list[list[int]]]:
+    """(shared prompt ids, each response's ids): the longest common prefix of the encodings, cut at the
+    earliest `prompt_len` (the prompt with its assistant header), and what follows it in each."""
+    first = encs[0].input_ids
+    n = min(e.prompt_len for e in encs)
+    for e in encs[1:]:
+        k = 0
+        while k < n and e.input_ids[k] == first[k]:
+            k += 1
+        n = k
+    return first[:n], [e.input_ids[n:] for e in encs]
+
+
+def one_row_layout(encs: list[Encoded], rng: random.Random | None = None) -> tuple[list[int], list[int], list[int], list[int]]:
+    """One preference row as (ids, segment, positions, reward position of each response in `encs` order).
+
+    segment: 0 for the prompt, k >= 1 for the k-th response placed; the placement order is shuffled by
+    `rng` (None keeps the given order). Responses must be non-empty."""
+    prompt, responses = split_prompt(encs)
+    if any(len(r) == 0 for r in responses):
+        raise ValueError("one-row layout: a response is empty after the shared prompt (identical encodings?)")
+    order = list(range(len(encs)))
+    if rng is not None:
+        rng.shuffle(order)
+    P = len(prompt)
+    ids, seg, pos = list(prompt), [0] * P, list(range(P))
+    where = [0] * len(encs)
+    for k, j in enumerate(order, start=1):
+        r = responses[j]
+        ids += r
+        seg += [k] * len(r)
+        pos += range(P, P + len(r))
+        where[j] = len(ids) - 1
+    return ids, seg, pos, where
+
+
+def one_row_mask(seg: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Additive 4D mask [B, 1, T, T] from segment ids [B, T] (0 prompt, k response k, -1 pad).
+
+    allowed[q, k] = k <= q and (seg[k] == 0 or seg[k] == seg[q]) and both real; pads see only themselves."""
+    T = seg.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool).tril()  # [T, T]
+    sq, sk = seg[:, :, None], seg[:, None, :]  # [B, T, 1], [B, 1, T]
+    allowed = causal & ((sk == 0) | (sk == sq)) & (sq >= 0) & (sk >= 0)  # [B, T, T]
+    allowed |= torch.eye(T, dtype=torch.bool) & (sq < 0)
+    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
+    return mask[:, None]
+
+
+def collate_one_row(groups: list[list[Encoded]], pad_id: int, dtype: torch.dtype = torch.float32,
+                    rng: random.Random | None = None, pad_to: int = 0) -> dict:
+    """One row per group (a prompt's 2-3 responses), right-padded. Rewards come out group by group, in
+    each group's given order, whatever the shuffled placement."""
+    rows = [one_row_layout(g, rng) for g in groups]
+    T = max(max(len(r[0]) for r in rows), pad_to)
+    B = len(rows)
+    ids = torch.full((B, T), pad_id, dtype=torch.long)
+    seg = torch.full((B, T), -1, dtype=torch.long)
+    pos = torch.zeros((B, T), dtype=torch.long)
+    index = []
+    for b, (r_ids, r_seg, r_pos, where) in enumerate(rows):
+        n = len(r_ids)
+        ids[b, :n] = torch.tensor(r_ids)
+        seg[b, :n] = torch.tensor(r_seg)
+        pos[b, :n] = torch.tensor(r_pos)
+        index += [(b, w) for w in where]
+    return {"input_ids": ids, "attention_mask": one_row_mask(seg, dtype), "position_ids": pos,
+            "index": torch.tensor(index, dtype=torch.long)}
+
+
+def model_dtype(model) -> torch.dtype:
+    return next(hf_model(model).parameters()).dtype
+
+
+@torch.no_grad()
+def score_sequences(model, fmt, encoded_list: list[Encoded], batch_size: int) -> list[float]:
+    """Reward of each sequence (prompt + response, ending in its <|eot_id|>), in input order, as floats.
+
+    Separate right-padded rows, batched by length; the reward is read at each sequence's last real token.
+    A sequence cut off without an eot is scored at its last token. `model` is an HF reward model (or a
+    RewardScorer); it is put in eval mode."""
+    if not encoded_list:
+        return []
+    scorer = model if isinstance(model, RewardScorer) else RewardScorer(model)
+    scorer.eval()
+    device = next(scorer.parameters()).device
+    order = sorted(range(len(encoded_list)), key=lambda i: len(encoded_list[i]))
+    out = [0.0] * len(encoded_list)
+    for s in range(0, len(order), max(1, batch_size)):
+        idx = order[s : s + batch_size]
+        batch = collate_separate([encoded_list[i] for i in idx], fmt.pad_id)
+        r = scorer(**{k: v.to(device) for k, v in batch.items()})
+        for i, v in zip(idx, r.tolist()):
+            out[i] = float(v)
+    return out
