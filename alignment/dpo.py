@@ -38,9 +38,9 @@ from tqdm import tqdm
 
 from alignment import loop
 from alignment.losses import dpo_nll_loss, token_logps
-from alignment.runs import hash_obj
 from data.chat_format import ChatFormat, Encoded, collate, load_tokenizer
 from data.validate import load_preferences, load_prompts, prompt_keys
+from data.formats import DataError
 
 METRICS = ("loss", "nll", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
            "logps/chosen", "logps/rejected")
@@ -199,7 +199,7 @@ def main(recipe, out_dir: Path, inputs: dict) -> dict:
         accelerator.print(line)
     pairs, pair_counts = build_pairs(records, fmt, cfg.max_length)
     if not pairs:
-        raise ValueError(f"{inputs['data']}: no usable preference pairs")
+        raise DataError(f"{inputs['data']}: no usable preference pairs")
     accelerator.print(f"dpo: {len(pairs)} pairs ({pair_counts['from_edited']} edited > rejected), "
                       f"mask_special_tokens={cfg.mask_special_tokens}, precompute_ref={cfg.precompute_ref}")
 
@@ -214,20 +214,12 @@ def main(recipe, out_dir: Path, inputs: dict) -> dict:
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     policy = accelerator.unwrap_model(model)  # for disable_adapter() when the reference is the LoRA base
 
-    config_hash = hash_obj({"recipe": recipe.to_dict(), "inputs": {k: str(v) for k, v in inputs.items()}})
-    ckpt_dir = out_dir / "checkpoints"
-    ckpt, start = loop.latest_checkpoint(ckpt_dir, config_hash)
-    log = loop.TrainLog(out_dir, accelerator, cfg.report_to, vars(cfg))
-    if ckpt is not None:
-        accelerator.load_state(str(ckpt))
-        accelerator.print(f"resumed from {ckpt} (step {start})")
-    else:
-        log.reset()
+    ckpt_dir, config_hash, start, log = loop.start_or_resume(accelerator, out_dir, recipe, inputs, cfg)
 
     ref_table = None  # [N, 2] reference log-probs when precomputed
     if cfg.precompute_ref:
         cache = ckpt_dir / "ref_logps.pt"
-        saved = torch.load(cache) if cache.exists() else None
+        saved = torch.load(cache, weights_only=True) if cache.exists() else None
         if saved is not None and saved.get("config_hash") == config_hash and len(saved["logps"]) == len(pairs):
             ref_table = saved["logps"]
         else:
@@ -276,14 +268,5 @@ def main(recipe, out_dir: Path, inputs: dict) -> dict:
                "pairs": pair_counts, "data": report.to_dict(), "beta": cfg.beta, "nll_weight": cfg.nll_weight,
                "mask_special_tokens": cfg.mask_special_tokens,
                "nll_mask_special_tokens": cfg.nll_mask_special_tokens}
-    if accelerator.is_main_process and inputs.get("eval_prompts"):
-        from evals.gold import evaluate_policy
-
-        prompts, _ = load_prompts(inputs["eval_prompts"])
-        policy = loop.load_causal_lm(out_dir / "model", recipe.model.dtype)
-        metrics.update(evaluate_policy(policy, fmt, prompts, recipe.eval, seed=recipe.seed))
-    if accelerator.is_main_process:
-        import shutil
-
-        shutil.rmtree(ckpt_dir, ignore_errors=True)
+    metrics.update(loop.finish_policy(accelerator, out_dir, recipe, fmt, inputs, ckpt_dir))
     return metrics

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from alignment.runs import atomic_open, write_json
+from alignment.runs import write_json
 
 
 # -- models -------------------------------------------------------------------------------------------
@@ -156,6 +156,40 @@ def save_checkpoint(accelerator, ckpt_dir: Path, step: int, config_hash: str, ke
         for p in old[: max(0, len(old) - keep + 1)]:
             shutil.rmtree(p, ignore_errors=True)
     accelerator.wait_for_everyone()
+
+
+def start_or_resume(accelerator, out_dir: Path, recipe, inputs: dict, cfg):
+    """Checkpoint folder, config hash, first step and training log of a stage run.
+
+    Resumes from the newest complete checkpoint made with the same recipe and inputs (accelerate restores
+    model, optimiser, scheduler and RNG); otherwise starts at step 0 with a fresh log."""
+    from alignment.runs import hash_obj
+
+    config_hash = hash_obj({"recipe": recipe.to_dict(), "inputs": {k: str(v) for k, v in inputs.items()}})
+    ckpt_dir = out_dir / "checkpoints"
+    ckpt, start = latest_checkpoint(ckpt_dir, config_hash)
+    log = TrainLog(out_dir, accelerator, cfg.report_to, vars(cfg))
+    if ckpt is not None:
+        accelerator.load_state(str(ckpt))
+        accelerator.print(f"resumed from {ckpt} (step {start})")
+    else:
+        log.reset()
+    return ckpt_dir, config_hash, start, log
+
+
+def finish_policy(accelerator, out_dir: Path, recipe, fmt, inputs: dict, ckpt_dir: Path) -> dict:
+    """After a policy is saved: its gold-judge figures on the eval prompts (if any); checkpoints removed."""
+    metrics = {}
+    if accelerator.is_main_process and inputs.get("eval_prompts"):
+        from data.validate import load_prompts
+        from evals.gold import evaluate_policy
+
+        prompts, _ = load_prompts(inputs["eval_prompts"])
+        policy = load_causal_lm(out_dir / "model", recipe.model.dtype)
+        metrics = evaluate_policy(policy, fmt, prompts, recipe.eval, seed=recipe.seed)
+    if accelerator.is_main_process:
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+    return metrics
 
 
 # -- logging ------------------------------------------------------------------------------------------------

@@ -22,9 +22,9 @@ from tqdm import tqdm
 
 from alignment import loop
 from alignment.losses import masked_nll_sum
-from alignment.runs import hash_obj, read_json, write_json
 from data.chat_format import collate, load_tokenizer
-from data.validate import load_prompts, load_sft
+from data.validate import load_sft
+from data.formats import DataError
 
 
 def sft_step(model, micro_batches: list[dict], accelerator, world_size: int) -> tuple[float, int]:
@@ -59,7 +59,7 @@ def main(recipe, out_dir: Path, inputs: dict) -> dict:
     for line in report.lines()[:20]:
         accelerator.print(line)
     if not records:
-        raise ValueError(f"{inputs['data']}: no usable SFT records")
+        raise DataError(f"{inputs['data']}: no usable SFT records")
     examples = [r["encoded"] for r in records]
 
     model = loop.load_causal_lm(inputs["model"], recipe.model.dtype)
@@ -72,15 +72,7 @@ def main(recipe, out_dir: Path, inputs: dict) -> dict:
     optimizer, scheduler = loop.make_optimizer(model, cfg, len(plan))
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
 
-    config_hash = hash_obj({"recipe": recipe.to_dict(), "inputs": {k: str(v) for k, v in inputs.items()}})
-    ckpt_dir = out_dir / "checkpoints"
-    ckpt, start = loop.latest_checkpoint(ckpt_dir, config_hash)
-    log = loop.TrainLog(out_dir, accelerator, cfg.report_to, vars(cfg))
-    if ckpt is not None:
-        accelerator.load_state(str(ckpt))
-        accelerator.print(f"resumed from {ckpt} (step {start})")
-    else:
-        log.reset()
+    ckpt_dir, config_hash, start, log = loop.start_or_resume(accelerator, out_dir, recipe, inputs, cfg)
 
     # -- loop ----------------------------------------------------------------------------------------
     first_loss = last_loss = None
@@ -108,14 +100,5 @@ def main(recipe, out_dir: Path, inputs: dict) -> dict:
     loop.save_model(model, fmt.tokenizer, out_dir / "model", accelerator)
     metrics = {"steps": len(plan), "examples": len(examples), "first_loss": first_loss, "final_loss": last_loss,
                "data": report.to_dict(), "special_embeddings_reset": reset}
-    if accelerator.is_main_process and inputs.get("eval_prompts"):
-        from evals.gold import evaluate_policy
-
-        prompts, _ = load_prompts(inputs["eval_prompts"])
-        policy = loop.load_causal_lm(out_dir / "model", recipe.model.dtype)
-        metrics.update(evaluate_policy(policy, fmt, prompts, recipe.eval, seed=recipe.seed))
-    if accelerator.is_main_process:
-        import shutil
-
-        shutil.rmtree(ckpt_dir, ignore_errors=True)
+    metrics.update(loop.finish_policy(accelerator, out_dir, recipe, fmt, inputs, ckpt_dir))
     return metrics

@@ -33,10 +33,11 @@ import torch
 from tqdm import tqdm
 
 from alignment import loop
-from alignment.runs import hash_obj, write_json
+from alignment.runs import write_json
 from data.chat_format import Encoded, load_tokenizer
 from data.formats import ranked_pairs
 from data.validate import load_preferences, prompt_keys
+from data.formats import DataError
 from reward.loss import bradley_terry_loss_sum, pair_margin
 from reward.model import (RewardScorer, apply_lora, collate_one_row, collate_separate, hf_model, init_reward_model,
                           load_reward_model, model_dtype, score_sequences)
@@ -195,7 +196,7 @@ def main(recipe, out_dir: Path, inputs: dict) -> dict:
     for line in report.lines()[:20] + (eval_report.lines()[:5] if eval_report else []):
         accelerator.print(line)
     if not records:
-        raise ValueError(f"{inputs['data']}: no usable preference records")
+        raise DataError(f"{inputs['data']}: no usable preference records")
     examples = build_examples(records, fmt, cfg.margin_per_rank)
     n_pairs = sum(len(e["pairs"]) for e in examples)
     no_eot = sum(enc.input_ids[-1] != fmt.eot_id for e in examples for enc in e["encs"])
@@ -215,15 +216,7 @@ def main(recipe, out_dir: Path, inputs: dict) -> dict:
     optimizer, scheduler = loop.make_optimizer(scorer, cfg, len(plan))
     scorer, optimizer, scheduler = accelerator.prepare(scorer, optimizer, scheduler)
 
-    config_hash = hash_obj({"recipe": recipe.to_dict(), "inputs": {k: str(v) for k, v in inputs.items()}})
-    ckpt_dir = out_dir / "checkpoints"
-    ckpt, start = loop.latest_checkpoint(ckpt_dir, config_hash)
-    log = loop.TrainLog(out_dir, accelerator, cfg.report_to, vars(cfg))
-    if ckpt is not None:
-        accelerator.load_state(str(ckpt))
-        accelerator.print(f"resumed from {ckpt} (step {start})")
-    else:
-        log.reset()
+    ckpt_dir, config_hash, start, log = loop.start_or_resume(accelerator, out_dir, recipe, inputs, cfg)
 
     # -- loop ----------------------------------------------------------------------------------------
     first_loss = last_loss = last_acc = None

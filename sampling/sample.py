@@ -52,6 +52,7 @@ from pathlib import Path
 
 from alignment.config import SamplingConfig
 from alignment.runs import atomic_open, hash_obj, hash_path, write_json, write_jsonl
+from data.formats import DataError
 from sampling.select import prompt_rng, prompt_seed, select_all
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,7 +79,7 @@ def read_jsonl(path) -> tuple[list[dict], bool]:
         except json.JSONDecodeError:
             if i == len(lines) - 1:
                 return out, False
-            raise ValueError(f"{path}:{i + 1}: not valid JSON") from None
+            raise DataError(f"{path}:{i + 1}: not valid JSON") from None
     return out, whole
 
 
@@ -90,9 +91,9 @@ def load_prompts(path, max_prompts: int = -1) -> list[dict]:
     seen = set()
     for r in recs:
         if "id" not in r or not isinstance(r.get("prompt"), list) or not r["prompt"]:
-            raise ValueError(f"{path}: every record needs 'id' and a non-empty 'prompt' message list")
+            raise DataError(f"{path}: every record needs 'id' and a non-empty 'prompt' message list")
         if str(r["id"]) in seen:
-            raise ValueError(f"{path}: duplicate prompt id {r['id']!r}")
+            raise DataError(f"{path}: duplicate prompt id {r['id']!r}")
         seen.add(str(r["id"]))
     return recs[:max_prompts] if max_prompts >= 0 else recs
 
