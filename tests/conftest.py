@@ -46,3 +46,16 @@ def llama3_fmt(llama3_dir):
     from data.chat_format import load_tokenizer
 
     return load_tokenizer(llama3_dir)
+
+
+# Message builders shared by the data tests.
+def U(text):
+    return {"role": "user", "content": text}
+
+
+def A(text):
+    return {"role": "assistant", "content": text}
+
+
+def S(text):
+    return {"role": "system", "content": text}

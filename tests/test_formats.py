@@ -8,18 +8,7 @@ import pytest
 
 from data.formats import (DataError, iter_file, normalize_preference, normalize_prompt, normalize_sft,
                           parse_transcript, ranked_pairs)
-
-
-def U(text):
-    return {"role": "user", "content": text}
-
-
-def A(text):
-    return {"role": "assistant", "content": text}
-
-
-def S(text):
-    return {"role": "system", "content": text}
+from tests.conftest import A, S, U
 
 
 # -- files ------------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ import pytest
 
 from data import validate as v
 from data.formats import DataError
+from tests.conftest import A, S, U
 
 GOOD_SFT = {"messages": [{"role": "user", "content": "Repeat the word river 2 times."},
                          {"role": "assistant", "content": "river river"}]}
@@ -15,18 +16,6 @@ GOOD_PREF = {"prompt": [{"role": "user", "content": "Repeat the word river 2 tim
              "chosen": [{"role": "assistant", "content": "river river"}],
              "rejected": [{"role": "assistant", "content": "river river river"}]}
 GOOD_PROMPT = {"id": "p0", "prompt": [{"role": "user", "content": "Repeat the word river 2 times."}]}
-
-
-def U(text):
-    return {"role": "user", "content": text}
-
-
-def A(text):
-    return {"role": "assistant", "content": text}
-
-
-def S(text):
-    return {"role": "system", "content": text}
 
 
 def write(tmp_path, lines, name="data.jsonl") -> str:
