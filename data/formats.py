@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Iterator
 
 RANKING = ("edited", "chosen", "rejected")  # best first
-KEEP_FIELDS = ("id", "category", "source", "score_chosen", "score_rejected",
+KEEP_FIELDS = ("id", "category", "source", "score_chosen", "score_rejected", "margin",
                "prompt_ids", "chosen_ids", "rejected_ids", "edited_ids")
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
 HH_ROLES = {"Human": "user", "Assistant": "assistant"}

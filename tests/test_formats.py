@@ -244,3 +244,9 @@ def test_implicit_conversations_without_a_shared_prompt():
     with pytest.raises(DataError, match="share no prompt") as e:
         normalize_preference({"chosen": [U("a"), A("b")], "rejected": [U("c"), A("d")]})
     assert e.value.code == "empty_response"
+
+
+def test_preference_margin_field_is_kept():
+    """Llama 2 style margins travel to the reward stage (used when reward.margin is on)."""
+    rec = normalize_preference({"prompt": "Hi", "chosen": "Hello", "rejected": "Go away", "margin": 2.0})
+    assert rec["margin"] == 2.0
