@@ -112,7 +112,7 @@ def stage_config(recipe, stage: str) -> dict:
     return {"seed": recipe.seed, **{k: r[k] for k in keys}}
 
 
-def report(recipe, ran: list[str]) -> dict:
+def report(recipe) -> dict:
     """runs/<name>/report/metrics.json: `stages.<stage>` holds each stage's figures."""
     stages = {}
     for s in STAGES[:-1]:
@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"(stages not built yet, skipped: {', '.join(skipped)})")
         for stage in todo:
             if stage == "report":
-                rep = report(recipe, todo)
+                rep = report(recipe)
                 path = stage_dir(recipe, "report") / "metrics.json"
                 print(f"report: {path}")
                 print(json.dumps({s: {k: v for k, v in m.items() if k in ("gold_score", "pass_rate", "rm_accuracy", "best_of_k_gold_score", "random_of_k_gold_score")} for s, m in rep["stages"].items()}, indent=1))
