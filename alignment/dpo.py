@@ -52,20 +52,12 @@ def best_key(rec: dict) -> str:
     return "edited" if rec.get("edited") or rec.get("edited_ids") else "chosen"
 
 
-def encode_response(fmt: ChatFormat, rec: dict, key: str) -> Encoded:
-    """prompt + one response: from its token ids when the record has them (sampling), else from its messages."""
-    ids = rec.get(f"{key}_ids")
-    if ids is not None:
-        return fmt.encode_completion(rec["prompt"], ids)
-    return fmt.encode_preference(rec["prompt"], rec[key])
-
-
 def build_pairs(records: list[dict], fmt: ChatFormat, max_length: int) -> tuple[list[tuple[Encoded, Encoded]], dict]:
     """(chosen, rejected) encodings, one pair per record, and counts of what was used and skipped."""
     pairs, counts = [], {"pairs": 0, "from_edited": 0, "skipped_overlong": 0, "skipped_prompt_ids_mismatch": 0}
     for rec in records:
         key = best_key(rec)
-        chosen, rejected = encode_response(fmt, rec, key), encode_response(fmt, rec, "rejected")
+        chosen, rejected = fmt.encode_response(rec, key), fmt.encode_response(rec, "rejected")
         prompt_ids = rec.get("prompt_ids")
         if prompt_ids is not None and list(prompt_ids) != chosen.input_ids[: chosen.prompt_len]:
             counts["skipped_prompt_ids_mismatch"] += 1  # made with another template/tokenizer

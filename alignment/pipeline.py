@@ -76,10 +76,8 @@ def prepare(recipe, out: Path) -> dict:
         tmp.rename(model_dir)
         metrics["parameters"] = sum(p.numel() for p in model.parameters())
         if task.kind == "default":
-            from data.chat_format import load_tokenizer
             from evals.gold import evaluate_policy
 
-            fmt = load_tokenizer(model_dir)
             metrics.update(evaluate_policy(model, fmt, sets["eval_prompts"], recipe.eval, seed=recipe.seed))
     return metrics
 

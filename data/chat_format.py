@@ -176,6 +176,16 @@ class ChatFormat:
             response = [{"role": "assistant", "content": response}]
         return self.encode(list(prompt) + list(response))
 
+    def encode_response(self, record: dict, key: str) -> Encoded:
+        """prompt + response `key` (chosen, rejected, edited) of a preference record.
+
+        From the response's token ids (`<key>_ids`, as rejection sampling writes them) when the record has
+        them, so sampled text is never decoded and re-encoded; otherwise from its messages."""
+        ids = record.get(f"{key}_ids")
+        if ids is not None:
+            return self.encode_completion(record["prompt"], ids)
+        return self.encode_preference(record["prompt"], record[key])
+
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 

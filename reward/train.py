@@ -44,19 +44,6 @@ from reward.model import (RewardScorer, apply_lora, collate_one_row, collate_sep
 
 
 # -- data -------------------------------------------------------------------------------------------------
-def encode_response(fmt, record: dict, key: str) -> Encoded:
-    """prompt + response `key` of a preference record; the record's token ids (`prompt_ids`, `<key>_ids`, as
-    the sampling stage writes them) are used as they are, with no decode/re-encode drift."""
-    ids = record.get(f"{key}_ids")
-    if ids is None:
-        return fmt.encode_preference(record["prompt"], record[key])
-    ids = list(ids)
-    if record.get("prompt_ids") is None:
-        return fmt.encode_completion(record["prompt"], ids)
-    p = list(record["prompt_ids"])
-    return Encoded(p + ids, [0] * len(p) + [1] * len(ids), [int(t in fmt.formatting_ids) for t in p + ids], len(p))
-
-
 def build_examples(records: list[dict], fmt, margin_per_rank: float = 1.0) -> list[dict]:
     """One example per preference row: its responses encoded once, and its ordered pairs as indices.
 
@@ -68,7 +55,7 @@ def build_examples(records: list[dict], fmt, margin_per_rank: float = 1.0) -> li
         if not pairs:
             continue
         keys = sorted({k for p in pairs for k in p}, key=lambda k: ("edited", "chosen", "rejected").index(k))
-        encs = [encode_response(fmt, r, k) for k in keys]
+        encs = [fmt.encode_response(r, k) for k in keys]
         out.append({
             "keys": keys,
             "encs": encs,

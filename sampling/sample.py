@@ -158,50 +158,10 @@ def normalize_completion(token_ids, finish_reason: str | None, eot_id: int, stop
 
 def score_candidates(model, fmt, prompts: list[list[dict]], completions: list[list[int]], batch_size: int) -> list[float]:
     """Reward of each (prompt messages, completion ids), from ids (`encode_completion`), never re-encoded text."""
+    from reward.model import score_sequences
+
     encs = [fmt.encode_completion(p, c) for p, c in zip(prompts, completions)]
-    try:
-        from reward.model import score_sequences
-    except ImportError:
-        score_sequences = _score_sequences
     return score_sequences(model, fmt, encs, batch_size)
-
-
-def _score_sequences(model, fmt, encs, batch_size: int) -> list[float]:
-    """Fallback scorer: right-padded rows, reward at each row's last real token (its final eot), float32."""
-    import torch
-
-    model.eval()
-    device = next(model.parameters()).device
-    out = [0.0] * len(encs)
-    order = sorted(range(len(encs)), key=lambda i: len(encs[i]))
-    with torch.no_grad():
-        for s in range(0, len(order), max(1, batch_size)):
-            idx = order[s : s + batch_size]
-            T = max(len(encs[i]) for i in idx)
-            ids = torch.full((len(idx), T), fmt.pad_id, dtype=torch.long)
-            attn = torch.zeros((len(idx), T), dtype=torch.long)
-            for b, i in enumerate(idx):
-                ids[b, : len(encs[i])] = torch.tensor(encs[i].input_ids)
-                attn[b, : len(encs[i])] = 1
-            hidden = model.model(input_ids=ids.to(device), attention_mask=attn.to(device)).last_hidden_state
-            last = attn.sum(-1).to(device) - 1
-            r = model.score(hidden[torch.arange(len(idx), device=device), last]).squeeze(-1).float()
-            for i, v in zip(idx, r.tolist()):
-                out[i] = float(v)
-    return out
-
-
-def load_scorer(path: str, dtype: str):
-    try:
-        from reward.model import load_reward_model
-
-        return load_reward_model(path, dtype=dtype)
-    except ImportError:
-        import torch
-        from transformers import AutoModelForSequenceClassification
-
-        return AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=1, dtype=getattr(torch, dtype), use_safetensors=True).eval()
 
 
 # -- the worker: one vLLM engine, generate + score shards ------------------------------------------------
@@ -261,7 +221,9 @@ def run_worker(spec_path: str) -> int:
     t0 = time.perf_counter()
     llm = make_engine(spec)
     t1 = time.perf_counter()
-    rm = load_scorer(spec["reward"], spec["reward_dtype"])
+    from reward.model import load_reward_model
+
+    rm = load_reward_model(spec["reward"], dtype=spec["reward_dtype"])
     if not spec["cpu"]:
         rm.to("cuda")
     print(f"[sampling worker {spec['rank']}] vLLM engine start {t1 - t0:.1f}s, reward model load "

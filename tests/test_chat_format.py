@@ -208,3 +208,18 @@ def test_encode_preference_takes_strings_or_messages(tiny_fmt):
     prompt = [U("Repeat the word river 2 times.")]
     assert tiny_fmt.encode_preference(prompt, "river river") == tiny_fmt.encode(prompt + [A("river river")])
     assert tiny_fmt.encode_preference(prompt, [A("river river")]) == tiny_fmt.encode(prompt + [A("river river")])
+
+
+def test_encode_response_uses_ids_when_present(tiny_fmt):
+    """Sampled pairs travel as ids: the same sequence as the messages would give, never re-encoded text."""
+    prompt = [{"role": "user", "content": "Maria asks: what sound does a cow make?"}]
+    rec = {"prompt": prompt, "chosen": [{"role": "assistant", "content": "moo"}]}
+    from_text = tiny_fmt.encode_response(rec, "chosen")
+    answer_ids = from_text.input_ids[from_text.prompt_len:]
+    from_ids = tiny_fmt.encode_response({**rec, "chosen_ids": answer_ids}, "chosen")
+    assert from_ids.input_ids == from_text.input_ids
+    assert from_ids.prompt_len == from_text.prompt_len
+    assert from_ids.completion_mask() == from_text.completion_mask()
+    # ids win over text: a record whose ids say otherwise is encoded from its ids
+    other = tiny_fmt.encode_response({**rec, "chosen_ids": [tiny_fmt.eot_id]}, "chosen")
+    assert other.input_ids[other.prompt_len:] == [tiny_fmt.eot_id]
