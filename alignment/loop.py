@@ -10,11 +10,13 @@ import math
 import os
 import random
 import shutil
+import time
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
 
-from alignment.runs import write_json
+from alignment.runs import write_json, write_jsonl
 
 
 # -- models -------------------------------------------------------------------------------------------
@@ -52,31 +54,107 @@ def init_special_embeddings(model, token_ids: list[int]) -> list[int]:
     for emb in {model.get_input_embeddings(), model.get_output_embeddings()}:
         if emb is None:
             continue
-        w = emb.weight
-        norms = w.float().norm(dim=-1)
-        typical = norms.median()
-        mean = w.float().mean(0).to(w.dtype)
-        for t in token_ids:
-            if t < w.shape[0] and norms[t] < 1e-3 * typical:
-                w[t] = mean
-                fixed.append(t)
+        with gathered([emb.weight]):  # ZeRO-3 (zero3_init_flag): the full rows, written back from process 0
+            w = emb.weight
+            norms = w.float().norm(dim=-1)
+            typical = norms.median()
+            mean = w.float().mean(0).to(w.dtype)
+            for t in token_ids:
+                if t < w.shape[0] and norms[t] < 1e-3 * typical:
+                    w[t] = mean
+                    fixed.append(t)
     return sorted(set(fixed))
 
 
+def gathered(params, modifier_rank: int | None = 0):
+    """Context in which DeepSpeed ZeRO-3 partitioned parameters are whole (and, with `modifier_rank`, what
+    that process writes into them is kept on exit); a no-op for ordinary parameters. Every process must enter."""
+    params = [p for p in params if hasattr(p, "ds_id")]
+    if not params:
+        return nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)
+
+
+@contextmanager
+def local_load(accelerator=None):
+    """Context for loading a model on ONE process (evaluation on the main process): transformers' DeepSpeed
+    ZeRO-3 init (zero3_init_flag: every model created is sharded, which needs every process) is off meanwhile.
+    (accelerate's zero3_init_context_manager(enable=False) leaves transformers' ZeRO-3 config in place.)"""
+    import transformers.integrations.deepspeed as hf_ds
+
+    ref = getattr(hf_ds, "_hf_deepspeed_config_weak_ref", None)
+    if ref is None:
+        yield
+        return
+    hf_ds._hf_deepspeed_config_weak_ref = None
+    try:
+        yield
+    finally:
+        hf_ds._hf_deepspeed_config_weak_ref = ref
+
+
+@contextmanager
+def micro_batch(accelerator, model, last: bool):
+    """One micro-batch of an optimizer step (the stages accumulate gradients themselves): gradients are
+    synchronised over the processes only on the `last` one. Under DeepSpeed, where `accelerator.backward`
+    also steps the engine, the engine steps (clipping, optimizer) only on the last one too."""
+    if accelerator.distributed_type.name == "DEEPSPEED":
+        accelerator.gradient_state._set_sync_gradients(last)
+        try:
+            yield
+        finally:
+            accelerator.gradient_state._set_sync_gradients(True)
+    elif last or accelerator.num_processes == 1:
+        yield
+    else:
+        with accelerator.no_sync(model):
+            yield
+
+
+def grad_norm_value(norm) -> dict:
+    """{"train/grad_norm": float} for the log, or {} where the backend reports none."""
+    return {} if norm is None else {"train/grad_norm": float(norm)}
+
+
 def save_model(model, tokenizer, out_dir: str | os.PathLike, accelerator=None) -> None:
-    """Save an HF model (safetensors; LoRA merged) and its tokenizer atomically: to a temp dir, then rename."""
+    """Save an HF model (safetensors; LoRA merged) and its tokenizer atomically: to a temp dir, then rename.
+
+    With `accelerator`, every process must call it: the full state dict is gathered from the prepared model
+    that holds `model` (DDP, DeepSpeed ZeRO-2/3 with stage3_gather_16bit_weights_on_model_save, FSDP2; `model`
+    may be the prepared model itself or a module inside it, e.g. the reward scorer's HF model), the main
+    process alone writes, and all wait for the write."""
     out_dir = Path(out_dir)
+    state = None
     if accelerator is not None:
         accelerator.wait_for_everyone()
+        prepared, prefix = _prepared_holding(accelerator, model)
+        state = accelerator.get_state_dict(prepared)  # a collective under ZeRO-3 / FSDP
         model = accelerator.unwrap_model(model)
-        state = accelerator.get_state_dict(model) if accelerator.distributed_type.name == "DEEPSPEED" else None
-        if not accelerator.is_main_process:
-            return
-    else:
-        state = None
-    if hasattr(model, "merge_and_unload"):
-        model = model.merge_and_unload()
-        state = None
+        if accelerator.is_main_process:
+            state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            _write_model(model, tokenizer, out_dir, state)
+        accelerator.wait_for_everyone()
+        return
+    _write_model(model, tokenizer, out_dir, None)
+
+
+def _prepared_holding(accelerator, model) -> tuple[object, str]:
+    """(the prepared model that is or holds `model`, the key prefix of `model` in its state dict)."""
+    for prepared in accelerator._models:
+        if prepared is model:
+            return prepared, ""
+        for name, mod in accelerator.unwrap_model(prepared).named_modules():
+            if mod is model:
+                return prepared, f"{name}." if name else ""
+    return model, ""
+
+
+def _write_model(model, tokenizer, out_dir: Path, state: dict | None) -> None:
+    if hasattr(model, "peft_config"):  # LoRA: merged into the base weights, from the (gathered) state dict
+        state = merge_lora_state(state if state is not None else model.state_dict(), model)
+        model = model.get_base_model()
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(str(tmp), safe_serialization=True, state_dict=state)
@@ -84,6 +162,74 @@ def save_model(model, tokenizer, out_dir: str | os.PathLike, accelerator=None) -
     if out_dir.exists():
         shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)
+
+
+@torch.no_grad()
+def merge_lora_state(state: dict, peft_model) -> dict:
+    """The base model's state dict with every LoRA adapter merged, W + (B @ A) * scaling, from a peft model's
+    full state dict (keys `base_model.model.<name>.base_layer.weight`, `.lora_A.<adapter>.weight`, ...).
+
+    Works on a gathered ZeRO-3 / FSDP state dict, where peft's in-place merge_and_unload cannot (the modules
+    hold shards). Matches merge_and_unload (tested). modules_to_save copies (the reward head) replace their
+    originals."""
+    from peft.tuners.lora import LoraLayer
+
+    adapter = peft_model.active_adapter
+    if getattr(peft_model.peft_config[adapter], "use_dora", False):
+        raise ValueError("saving a DoRA model is not supported; use plain LoRA")
+    state = dict(state)
+    for name, mod in peft_model.named_modules():
+        if isinstance(mod, LoraLayer) and adapter in mod.lora_A:
+            a = state.pop(f"{name}.lora_A.{adapter}.weight").float()
+            b = state.pop(f"{name}.lora_B.{adapter}.weight").float()
+            w = state[f"{name}.base_layer.weight"]
+            delta = (b @ a) * mod.scaling[adapter]
+            state[f"{name}.base_layer.weight"] = (w.float() + (delta.T if mod.fan_in_fan_out else delta).to(w.device)).to(w.dtype)
+    out = {}
+    for k, v in state.items():
+        if ".original_module." in k and k.replace(".original_module.", f".modules_to_save.{adapter}.") in state:
+            continue
+        k = k.removeprefix("base_model.model.").replace(".base_layer.", ".").replace(f".modules_to_save.{adapter}.", ".")
+        out[k.replace(".original_module.", ".")] = v
+    return out
+
+
+# -- weight averaging (Llama 3 averaged models at the RM, SFT and DPO stages) ---------------------------------
+def snapshot_steps(total: int, cfg) -> list[int]:
+    """Optimizer-step counts whose weights are averaged into the final model when `cfg.average_last` = N > 1:
+    the final step and the N-1 before it, `average_every` steps apart (default: spread over the last half
+    of training). Empty when averaging is off."""
+    n = getattr(cfg, "average_last", 0)
+    if n <= 1:
+        return []
+    if getattr(cfg, "lora", None) is not None:
+        from alignment.config import ConfigError
+
+        raise ConfigError("average_last does not support LoRA runs yet: average their merged models with "
+                          "`python -m alignment.average` (make average)")
+    every = cfg.average_every or max(1, total // (2 * n))
+    return sorted({total - i * every for i in range(n) if total - i * every >= 1})
+
+
+def save_snapshot(model, tokenizer, out_dir: Path, step: int, accelerator) -> None:
+    save_model(model, tokenizer, out_dir / "snapshots" / f"step-{step}", accelerator)
+
+
+def average_snapshots(out_dir: Path, steps: list[int], accelerator) -> dict:
+    """Replace out_dir/model (the final step's weights) by the mean of it and the earlier snapshots."""
+    if not steps:
+        return {}
+    if accelerator.is_main_process:
+        from alignment.average import average_models
+
+        snaps = [out_dir / "snapshots" / f"step-{s}" for s in steps[:-1]]
+        missing = [str(p) for p in snaps if not p.exists()]
+        if missing:
+            raise FileNotFoundError(f"weight snapshots missing for averaging: {', '.join(missing)}")
+        average_models(snaps + [out_dir / "model"], out_dir / "model")
+        shutil.rmtree(out_dir / "snapshots", ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return {"averaged_steps": steps}
 
 
 # -- optimisation ---------------------------------------------------------------------------------------
@@ -185,8 +331,10 @@ def finish_policy(accelerator, out_dir: Path, recipe, fmt, inputs: dict, ckpt_di
         from evals.gold import evaluate_policy
 
         prompts, _ = load_prompts(inputs["eval_prompts"])
-        policy = load_causal_lm(out_dir / "model", recipe.model.dtype)
-        metrics = evaluate_policy(policy, fmt, prompts, recipe.eval, seed=recipe.seed)
+        with local_load(accelerator):  # this process alone: no ZeRO-3 sharding, no synced generation
+            policy = load_causal_lm(out_dir / "model", recipe.model.dtype).to(accelerator.device)
+            metrics = evaluate_policy(policy, fmt, prompts, recipe.eval, seed=recipe.seed)
+        write_jsonl(out_dir / "eval_responses.jsonl", metrics.pop("responses"))
     if accelerator.is_main_process:
         shutil.rmtree(ckpt_dir, ignore_errors=True)
     return metrics
@@ -222,9 +370,56 @@ class TrainLog:
             self.accelerator.end_training()
 
 
-def make_accelerator(out_dir: Path, report_to: str):
+def make_accelerator(out_dir: Path, report_to: str, cfg=None):
+    """The stage's Accelerator, configured by `accelerate launch` (recipes/accelerate/*.yaml) or one process.
+
+    The scheduler steps once per optimizer step whatever the number of processes (plan_steps already counts
+    global steps). Under DeepSpeed the stage config `cfg` gives the micro-batch size and gradient clipping,
+    and DeepSpeed's own accumulation stays 1: the stages accumulate themselves (micro_batch)."""
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
 
     log_with = None if report_to in ("none", "", None) else report_to
-    return Accelerator(log_with=log_with, project_config=ProjectConfiguration(project_dir=str(out_dir), logging_dir=str(out_dir / "logs")))
+    acc = Accelerator(log_with=log_with, step_scheduler_with_optimizer=False,
+                      project_config=ProjectConfiguration(project_dir=str(out_dir), logging_dir=str(out_dir / "logs")))
+    plugin = getattr(acc.state, "deepspeed_plugin", None)
+    if plugin is not None and cfg is not None:
+        ds = plugin.deepspeed_config
+        ds["train_micro_batch_size_per_gpu"] = cfg.batch_size
+        ds["gradient_accumulation_steps"] = 1
+        ds["train_batch_size"] = cfg.batch_size * acc.num_processes
+        ds["gradient_clipping"] = cfg.max_grad_norm
+    return acc
+
+
+class Throughput:
+    """Training speed and memory of a stage run: tokens (non-pad input tokens, all processes) and examples per
+    second of the training loop, and the peak GPU memory (max over processes) when on CUDA."""
+
+    def __init__(self, accelerator):
+        self.accelerator = accelerator
+        self.tokens = self.examples = 0
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        self.t0 = time.perf_counter()
+
+    def add(self, micro_batches: list[dict], pad_id: int, examples: int) -> None:
+        """This process's micro-batches of one step (the pad token is a dedicated one: never content)."""
+        self.tokens += sum(int((mb["input_ids"] != pad_id).sum()) for mb in micro_batches)
+        self.examples += examples
+
+    def metrics(self) -> dict:
+        """Collective (every process calls it)."""
+        acc = self.accelerator
+        seconds = time.perf_counter() - self.t0
+        counts = torch.tensor([self.tokens, self.examples], dtype=torch.float64, device=acc.device)
+        if acc.num_processes > 1:
+            counts = acc.reduce(counts, "sum")
+        out = {"train_seconds": round(seconds, 2), "throughput": round(counts[0].item() / max(seconds, 1e-9), 1),
+               "throughput_unit": "tokens/s", "examples_per_s": round(counts[1].item() / max(seconds, 1e-9), 2)}
+        if torch.cuda.is_available():
+            peak = torch.tensor([torch.cuda.max_memory_allocated() / 2**30], device=acc.device)
+            if acc.num_processes > 1:
+                peak = acc.reduce(peak, "max")
+            out["peak_gpu_mem_gb"] = round(peak.item(), 2)
+        return out

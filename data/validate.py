@@ -56,6 +56,7 @@ CHOSEN_EQUALS_REJECTED = "chosen_equals_rejected"
 EVAL_OVERLAP = "eval_overlap"
 DUPLICATE = "duplicate"
 OVERLONG = "overlong"
+BAD_TOKEN_IDS = "bad_token_ids"
 TRUNCATED = "truncated"  # kept, not rejected
 
 # Any <|...|> token of Llama 3's special vocabulary: named ones and <|reserved_special_token_N|>.
@@ -234,7 +235,8 @@ def _load(path, check) -> tuple[list[dict], Report]:
 # -- SFT --------------------------------------------------------------------------------------------------
 def load_sft(path, fmt, max_length: int = 2048, overlong: str = "drop",
              eval_prompts: set[str] | None = None) -> tuple[list[dict], Report]:
-    """SFT records: canonical ``{"messages"}`` plus ``"_line"`` and ``"encoded"`` (``fmt.encode(messages)``).
+    """SFT records: canonical ``{"messages"}`` plus ``"_line"`` and ``"encoded"`` (``fmt.encode(messages)``, or
+    the prompt + the record's ``completion_ids`` when it has them, as rejection sampling's best_of_k.jsonl does).
 
     With overlong="truncate" the encoded ids are cut at max_length (no eot added at the cut, so the model
     is not taught to stop mid-sentence) and the record gets ``"truncated": True``; its messages stay whole."""
@@ -258,7 +260,10 @@ def load_sft(path, fmt, max_length: int = 2048, overlong: str = "drop",
         if key in seen:
             raise Defect(DUPLICATE, "same conversation as an earlier record")
         seen.add(key)
-        enc = fmt.encode(messages)
+        ids = raw.get("completion_ids")  # rejection sampling's best-of-K: train on the sampled ids, no re-encode
+        if ids is not None and not (isinstance(ids, list) and all(isinstance(t, int) and 0 <= t < len(fmt.tokenizer) for t in ids)):
+            raise Defect(BAD_TOKEN_IDS, "completion_ids must be a list of token ids of this tokenizer")
+        enc = fmt.encode_completion(messages[:-1], ids) if ids else fmt.encode(messages)
         note = None
         if len(enc) > max_length:
             if overlong == "drop" or not any(enc.assistant_mask[:max_length]):

@@ -5,6 +5,10 @@
     mean_length: mean response length in tokens (eot excluded)
     stop_rate:  share of responses that ended with <|eot_id|> (the model learned to stop)
 
+Every response is also returned under "responses" (prompt id, sample index, completion ids, text, gold):
+the stages write them to `eval_responses.jsonl`, where the eval stage scores them with the reward model
+(win rates against the SFT policy, KL to the reference, reward-length correlation).
+
 Sampling (temperature 1 by default) estimates the quality of the policy's whole distribution, which is what
 alignment changes; greedy decoding would only show its mode.
 """
@@ -12,9 +16,10 @@ alignment changes; greedy decoding would only show its mode.
 from __future__ import annotations
 
 import torch
+from tqdm import tqdm
 
 from data.chat_format import ChatFormat, pad_batch
-from data.default_task import gold_score
+from data.default_task import gold_score, parse_prompt
 
 
 @torch.no_grad()
@@ -25,7 +30,7 @@ def generate(model, fmt: ChatFormat, prompts: list[list[dict]], max_new_tokens: 
     device = next(model.parameters()).device
     out: list[list[list[int]]] = []
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    for i in range(0, len(prompts), batch_size):
+    for i in tqdm(range(0, len(prompts), batch_size), desc="eval: generate", unit="batch", leave=False):
         chunk = [fmt.encode_prompt(p) for p in prompts[i : i + batch_size]]
         ids = torch.tensor(pad_batch(chunk, fmt.pad_id, side="left"), device=device)
         attn = torch.tensor(pad_batch([[1] * len(c) for c in chunk], 0, side="left"), device=device)
@@ -45,31 +50,42 @@ def generate(model, fmt: ChatFormat, prompts: list[list[dict]], max_new_tokens: 
     return out
 
 
+def judge(prompt: list[dict], text: str) -> float | None:
+    """The gold judge's score of a response, or None when the prompt is not a default-task prompt."""
+    user = next((m["content"] for m in reversed(prompt) if m["role"] == "user"), None)
+    return gold_score(prompt, text) if user is not None and parse_prompt(user) is not None else None
+
+
 def evaluate_policy(model, fmt: ChatFormat, records: list[dict], cfg, seed: int = 0) -> dict:
     """Gold-judge figures of `model` on prompt records `{"prompt": [messages], "category"?}`."""
     prompts = [r["prompt"] for r in records]
     comps = generate(model, fmt, prompts, cfg.max_new_tokens, cfg.temperature, cfg.batch_size, seed, cfg.samples_per_prompt)
     scores, lengths, stops = [], [], []
     by_cat: dict[str, list[float]] = {}
-    samples = []
+    samples, responses = [], []
     for r, cs in zip(records, comps):
-        for c in cs:
+        for j, c in enumerate(cs):
             stopped = bool(c) and c[-1] in fmt.stop_ids
             text = fmt.decode(c[:-1] if stopped else c)
-            s = gold_score(r["prompt"], text)
+            s = judge(r["prompt"], text)  # None: a prompt the gold judge cannot score (recipes on real data)
             scores.append(s)
             lengths.append(len(c) - int(stopped))
             stops.append(stopped)
-            by_cat.setdefault(r.get("category", "all"), []).append(s)
+            if s is not None:
+                by_cat.setdefault(r.get("category", "all"), []).append(s)
+            responses.append({"id": str(r.get("id", len(responses))), "sample": j, "prompt": r["prompt"],
+                              "completion_ids": c, "text": text, "gold": s, "stopped": stopped})
             if len(samples) < 12:
                 samples.append({"prompt": r["prompt"][-1]["content"], "response": text, "gold": s})
     n = max(1, len(scores))
+    judged = [s for s in scores if s is not None]
     return {
-        "gold_score": round(sum(scores) / n, 4),
-        "pass_rate": round(sum(s == 1.0 for s in scores) / n, 4),
+        "gold_score": round(sum(judged) / len(judged), 4) if judged else None,
+        "pass_rate": round(sum(s == 1.0 for s in judged) / len(judged), 4) if judged else None,
         "mean_length": round(sum(lengths) / n, 2),
         "stop_rate": round(sum(stops) / n, 4),
         "gold_by_category": {k: round(sum(v) / len(v), 4) for k, v in sorted(by_cat.items())},
         "n_responses": len(scores),
         "samples": samples,
+        "responses": responses,
     }

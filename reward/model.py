@@ -77,9 +77,11 @@ def init_reward_model(path: str | os.PathLike, pad_id: int, dtype: str = "float3
     model.config.pad_token_id = pad_id
     new_head = any(k.startswith("score.") for k in info["missing_keys"])
     if new_head:
-        hidden = model.score.weight.shape[1]
-        gen = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
+        from alignment.loop import gathered
+
+        with gathered([model.score.weight]), torch.no_grad():  # ZeRO-3 init: the whole head, kept from process 0
+            hidden = model.score.weight.shape[1]
+            gen = torch.Generator().manual_seed(seed)
             w = torch.randn(model.score.weight.shape, generator=gen) / math.sqrt(hidden + 1)
             model.score.weight.copy_(w.to(model.score.weight.dtype))
     return model, new_head

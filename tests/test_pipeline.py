@@ -13,12 +13,13 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = [
     "task.n_sft=64", "task.n_preference=64", "task.n_eval_preference=24", "task.n_eval_prompts=12",
-    "task.n_sampling_prompts=8", "model.pretrain_steps=5", "sft.max_steps=3", "reward.max_steps=3",
+    "task.n_sampling_prompts=8", "model.pretrain_steps=5", "reward.max_steps=3",
     "dpo.max_steps=3", "sampling.k=3", "sampling.max_tokens=12", "eval.max_new_tokens=12", "eval.samples_per_prompt=1",
     "sft.report_to=none", "reward.report_to=none", "dpo.report_to=none",
-    # 3 SFT steps leave a model that never stops, so its candidates are all truncated and give no pairs:
-    # the smoke run trains DPO on the task's preference data (the slow test uses the sampled pairs).
-    "dpo.data=preference",
+    # 20 quick SFT steps teach the tiny model to stop (stop rate ~0.8), so round 2 has best-of-K answers to
+    # fine-tune on; DPO trains on the task's preference data, which never runs out of pairs (the slow test
+    # uses the sampled pairs).
+    "sft.max_steps=20", "sft.lr=1e-2", "sft.batch_size=8", "dpo.data=preference",
 ]
 
 
@@ -29,33 +30,88 @@ def run(out: Path, *extra: str) -> subprocess.CompletedProcess:
     return res
 
 
+ROUND1 = ("prepare", "sft", "reward", "sample", "dpo")
+ROUND2 = ("round2/reward", "round2/sample", "round2/sft", "round2/dpo")
+
+
+def manifest(base: Path, stage: str) -> dict:
+    return json.loads((base / stage / "manifest.json").read_text())
+
+
 @pytest.mark.vllm
-def test_pipeline_runs_skips_and_reruns(tmp_path):
-    first = run(tmp_path)
+def test_pipeline_two_rounds_skips_and_reruns(tmp_path):
+    first = run(tmp_path, "rounds=2")
     base = tmp_path / "default"
-    for stage in ("prepare", "sft", "reward", "sample", "dpo"):
-        m = json.loads((base / stage / "manifest.json").read_text())
-        assert m["complete"] and m["template_hash"], stage
+    for stage in ROUND1 + ROUND2 + ("report",):
+        assert manifest(base, stage)["complete"], stage
+    for stage in ROUND1 + ROUND2:
+        assert manifest(base, stage)["template_hash"], stage
+    # round 2 starts from round 1's DPO policy, samples with it under another seed, fine-tunes it on its own
+    # best-of-K answers, and runs DPO from that SFT model on its own pairs
+    r2 = {s: manifest(base, f"round2/{s}") for s in ("reward", "sample", "sft", "dpo")}
+    dpo1 = str(base / "dpo" / "model")
+    assert r2["reward"]["inputs"]["model"] == dpo1 and r2["sample"]["inputs"]["policy"] == dpo1
+    assert r2["sample"]["inputs"]["reward"] == str(base / "round2" / "reward" / "model")
+    assert r2["sft"]["inputs"] == {"model": dpo1, "data": str(base / "round2" / "sample" / "best_of_k.jsonl"),
+                                   "eval_prompts": str(base / "prepare" / "data" / "eval_prompts.jsonl")}
+    assert r2["dpo"]["inputs"]["model"] == str(base / "round2" / "sft" / "model")
+    assert r2["sample"]["config"]["sampling"]["seed"] == manifest(base, "sample")["config"]["sampling"]["seed"] + 1000
+
     report = json.loads((base / "report" / "metrics.json").read_text())
-    assert {"prepare", "sft", "reward", "sampling", "dpo"} <= set(report["stages"])
-    assert "report: " in first.stdout
+    assert report["schema"] == 1 and [r["round"] for r in report["rounds"]] == [1, 2]
+    assert set(report["rounds"][0]["stages"]) == set(report["rounds"][1]["stages"]) == {"sft", "reward", "sampling", "dpo"}
+    assert report["stages"]["dpo"]["dir"] == "round2/dpo" and report["stages"]["prepare"]["dir"] == "prepare"
+    assert report["rounds"][0]["stages"]["sft"]["dir"] == "sft"
+    for stage in ("sft", "dpo"):  # judged against round 1's SFT policy by the last reward model
+        figs = report["stages"][stage]
+        for key in ("gold_score", "win_rate_vs_sft_rm", "win_rate_vs_sft_gold", "kl_to_sft", "mean_reward", "mean_length"):
+            assert isinstance(figs[key], float), (stage, key)
+        assert 0 <= figs["win_rate_vs_sft_rm"] <= 1
+    assert isinstance(report["stages"]["dpo"]["kl_to_reference"], float)
+    assert "win_rate_vs_sft_rm" not in report["rounds"][0]["stages"]["sft"]  # the SFT policy itself
+    assert "reward_length_corr" in report["stages"]["sampling"]
+    assert "report: " in first.stdout and "round 2:" in first.stdout
 
-    again = run(tmp_path)  # nothing changed: every stage is skipped
-    assert again.stdout.count("up to date") == 5, again.stdout
+    again = run(tmp_path, "rounds=2")  # nothing changed: every stage is skipped
+    assert again.stdout.count("up to date") == 10, again.stdout
 
-    changed = run(tmp_path, "dpo.beta=0.2")  # only DPO's config changed
-    assert "[dpo] running" in changed.stdout and "[sft] up to date" in changed.stdout
+    one = run(tmp_path)  # rounds=1: round 1 is the same work, only the report is redone
+    assert one.stdout.count("up to date") == 5 and "[eval] running" in one.stdout, one.stdout
+    assert [r["round"] for r in json.loads((base / "report" / "metrics.json").read_text())["rounds"]] == [1]
+
+    changed = run(tmp_path, "rounds=2", "dpo.beta=0.2")  # DPO's config: both DPO stages and what follows round 1's
+    assert "[sft] up to date" in changed.stdout and "[reward] up to date" in changed.stdout
+    assert "[dpo] running" in changed.stdout and "[round 2 reward] running" in changed.stdout
+    assert "[round 2 dpo] running" in changed.stdout
+
+
+def test_stage_of_a_missing_round_is_one_line(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "alignment.pipeline", "recipes/default.yaml", "--stage", "dpo", "--round", "3",
+                          "rounds=2", f"output_dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert res.stderr.strip().count("\n") == 0 and "round 3 has no dpo stage" in res.stderr
+    res = subprocess.run([sys.executable, "-m", "alignment.pipeline", "recipes/default.yaml", "--stage", "sft",
+                          f"output_dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 2 and "missing input" in res.stderr and "Traceback" not in res.stderr
 
 
 @pytest.mark.slow
 def test_default_recipe_figures(tmp_path):
-    """make pipeline on the default recipe: the figures the issues ask for."""
-    run_all = subprocess.run([sys.executable, "-m", "alignment.pipeline", "recipes/default.yaml", f"output_dir={tmp_path}"],
-                             cwd=ROOT, capture_output=True, text=True, timeout=1800)
+    """make pipeline rounds=2 on the default recipe: the figures the issues ask for."""
+    run_all = subprocess.run([sys.executable, "-m", "alignment.pipeline", "recipes/default.yaml", f"output_dir={tmp_path}",
+                              "rounds=2"], cwd=ROOT, capture_output=True, text=True, timeout=3600)
     assert run_all.returncode == 0, run_all.stderr[-3000:]
-    s = json.loads((tmp_path / "default" / "report" / "metrics.json").read_text())["stages"]
-    assert s["sft"]["gold_score"] > s["prepare"]["gold_score"] + 0.2
+    report = json.loads((tmp_path / "default" / "report" / "metrics.json").read_text())
+    s = report["rounds"][0]["stages"]
+    prep = report["stages"]["prepare"]
+    assert s["sft"]["gold_score"] > prep["gold_score"] + 0.2
     assert s["sft"]["gold_score"] < 0.9
     assert s["reward"]["rm_accuracy"] >= 0.85
     assert s["sampling"]["best_of_k_gold_score"] > s["sampling"]["random_of_k_gold_score"] + 0.1
     assert s["dpo"]["gold_score"] >= s["sft"]["gold_score"] + 0.10
+    assert s["dpo"]["win_rate_vs_sft_gold"] > 0.55 and s["dpo"]["win_rate_vs_sft_rm"] > 0.55
+    assert s["dpo"]["kl_to_reference"] > 0
+    r2 = report["rounds"][1]["stages"]
+    assert r2["sampling"]["best_of_k_gold_score"] > r2["sampling"]["random_of_k_gold_score"] + 0.1
+    assert r2["sft"]["gold_score"] > s["sft"]["gold_score"] + 0.1  # round 2 starts from the aligned policy
+    assert (tmp_path / "default" / "report" / "index.html").exists()

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from sampling.sample import build_plan, load_prompts, normalize_completion, read_jsonl, shard_ok, shards_of
+from sampling.sample import build_plan, normalize_completion, read_jsonl, shard_ok, shards_of
 from sampling.select import Selection, best_index, prompt_rng, select, select_all, worst_index
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # -- selection --------------------------------------------------------------------------------------------
 def test_argmax_argmin():
     r, t = [0.1, 0.9, -0.5, 0.3], [False] * 4
-    assert best_index(r, t) == 1 and worst_index(r, t, exclude=1) == 2
+    assert best_index(r, t) == 1 and worst_index(r, t, exclude={1}) == 2
     assert select(r, t) == Selection(1, 2, None)
 
 
@@ -34,6 +34,17 @@ def test_truncated_never_chosen_nor_rejected():
     for seed in range(20):
         s = select(r, t, "random", rng=random.Random(seed))
         assert s.chosen == 1 and s.rejected == 3
+
+
+def test_rejected_never_identical_to_chosen():
+    # candidates 0 and 2 are the same answer: the worst *different* answer is rejected
+    r, t, keys = [0.9, 0.5, 0.1, 0.4], [False] * 4, ["moo", "baa", "moo", "oink"]
+    assert select(r, t, keys=keys) == Selection(0, 3, None)
+    for seed in range(20):
+        assert select(r, t, "random", rng=random.Random(seed), keys=keys).rejected in (1, 3)
+    assert select([1.0, 1.0], [False, False], keys=["moo", "moo"]) == Selection(0, None, "no_rejected")
+    groups = [{"id": "p", "rewards": r, "truncated": t, "keys": keys}]
+    assert select_all(groups)[0] == [Selection(0, 3, None)]
 
 
 def test_all_truncated_and_single_usable():
@@ -86,7 +97,6 @@ def test_read_jsonl_torn_last_line(tmp_path):
     p.write_text('{"id": "a", "prompt": [{"role": "user", "content": "hi"}]}\n{"id": "b", "pro')
     recs, whole = read_jsonl(p)
     assert [r["id"] for r in recs] == ["a"] and not whole
-    assert [r["id"] for r in load_prompts(p)] == ["a"]
     p.write_text('{"id": 1}\nnot json\n{"id": 2}\n')
     with pytest.raises(ValueError):
         read_jsonl(p)  # a bad line in the middle is an error, not a torn tail
@@ -222,7 +232,7 @@ def test_stage_outputs(stage):
     assert m["pairs"] + m["pairs_dropped_gap"] + m["pairs_dropped_no_rejected"] + m["prompts_dropped_truncated"] == n
     for b in best:
         cands = by_id[b["id"]]["candidates"]
-        usable = [c for c in cands if not c["truncated"]]
+        usable = [c for c in cands if not c["truncated"] and c["text"].strip()]  # an empty answer is no answer
         assert b["completion_ids"][-1] == fmt.eot_id  # never a truncated one
         assert b["reward"] == max(c["reward"] for c in usable)
         assert b["messages"][:-1] == by_id[b["id"]]["prompt"] and b["messages"][-1]["role"] == "assistant"
@@ -230,8 +240,11 @@ def test_stage_outputs(stage):
     for p in pairs:
         assert p["chosen_ids"][-1] == fmt.eot_id and p["rejected_ids"][-1] == fmt.eot_id
         assert p["chosen_reward"] >= p["rejected_reward"]
-        usable = [c["reward"] for c in by_id[p["id"]]["candidates"] if not c["truncated"]]
-        assert p["rejected_reward"] == min(usable)
+        chosen_text = p["chosen"][-1]["content"].strip()
+        usable = [c["reward"] for c in by_id[p["id"]]["candidates"]
+                  if not c["truncated"] and c["text"].strip() and c["text"].strip() != chosen_text]
+        assert p["rejected_reward"] == min(usable)  # the worst usable answer that differs from the chosen
+        assert p["rejected"][-1]["content"].strip() not in ("", chosen_text)
         assert set(p) >= {"prompt", "chosen", "rejected", "prompt_ids", "chosen_ids", "rejected_ids"}
     for key in ("tokens_per_s", "candidates_per_s", "reward_best_mean", "reward_mean", "reward_worst_mean",
                 "best_of_k_gold_score", "random_of_k_gold_score", "oracle_of_k_gold_score"):

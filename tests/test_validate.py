@@ -215,3 +215,20 @@ def test_default_task_data_is_all_kept(tmp_path, tiny_fmt):
         kept, report = fn(tmp_path / f"{name}.jsonl", tiny_fmt, eval_prompts=eval_keys)
         assert report.n_in == len(data[name]) == report.n_kept + report.n_rejected
         assert set(report.counts) <= {v.DUPLICATE}, report.lines()
+
+
+def test_sft_record_with_completion_ids_trains_on_those_ids(tmp_path, tiny_fmt):
+    """best_of_k.jsonl carries the sampled ids: SFT trains on them as sampled, never re-encoded from text."""
+    from alignment.runs import write_jsonl
+
+    prompt = [{"role": "user", "content": "what color is a banana?"}]
+    odd = tiny_fmt.text_ids("y") + tiny_fmt.text_ids("ellow") + [tiny_fmt.eot_id]  # not how "yellow" is encoded
+    assert odd[:-1] != tiny_fmt.text_ids("yellow")
+    recs = [{"messages": prompt + [{"role": "assistant", "content": "yellow"}], "completion_ids": odd},
+            {"messages": prompt + [{"role": "assistant", "content": "yellow!"}], "completion_ids": ["x"]}]
+    write_jsonl(tmp_path / "bok.jsonl", recs)
+    kept, rep = v.load_sft(tmp_path / "bok.jsonl", tiny_fmt)
+    enc = kept[0]["encoded"]
+    assert enc.input_ids == tiny_fmt.encode_prompt(prompt) + odd
+    assert enc.assistant_mask[enc.prompt_len:] == [1] * len(odd) and enc.input_ids[-1] == tiny_fmt.eot_id
+    assert rep.to_dict()["counts"] == {v.BAD_TOKEN_IDS: 1}
