@@ -1,0 +1,183 @@
+"""Every recipe and launcher config is valid without running it: schema, launcher, paths, hyperparameters.
+
+recipes/*.yaml load through the typed config; their `launch` names a config in recipes/accelerate/ that
+accelerate itself accepts, with the distributed type its name says; local paths exist and hub names are
+well formed; the real-model recipes carry Llama 3's hyperparameters; the Makefile turns a recipe's launch
+section into the right `accelerate launch` command.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from alignment.config import ConfigError, load_recipe
+from data import hub
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
+LAUNCHERS = sorted((ROOT / "recipes" / "accelerate").glob("*.yaml"))
+REAL = [p for p in RECIPES if p.name.startswith("llama-")]
+# launcher name -> (accelerate distributed_type, extra checks)
+KINDS = {"single": "NO", "ddp": "MULTI_GPU", "zero2": "DEEPSPEED", "zero3": "DEEPSPEED", "fsdp2": "FSDP"}
+HUB_NAME = re.compile(r"^[\w.-]+/[\w.-]+(:[\w.-]+(\[[\d:%]*\])?)?$")
+
+
+def test_the_expected_files_exist():
+    assert {p.stem for p in LAUNCHERS} == set(KINDS)
+    assert {p.name for p in REAL} == {"llama-3.2-1b-instruct-lora.yaml", "llama-3.2-1b-instruct-full.yaml",
+                                      "llama-3.1-8b-instruct-lora.yaml", "llama-3.1-8b-instruct-full.yaml"}
+    assert (ROOT / "recipes" / "gpu-smoke.yaml").exists()
+
+
+@pytest.mark.parametrize("path", LAUNCHERS, ids=lambda p: p.stem)
+def test_launcher_config_is_valid_for_accelerate(path):
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    raw = yaml.safe_load(path.read_text())
+    cfg = ClusterConfig.from_yaml_file(str(path))  # accelerate's own loader: unknown keys are an error
+    assert cfg.distributed_type.name == KINDS[path.stem] == raw["distributed_type"]
+    assert raw["mixed_precision"] == "bf16" and raw["num_machines"] == 1
+    if raw["distributed_type"] == "DEEPSPEED":
+        ds = raw["deepspeed_config"]
+        assert ds["zero_stage"] == int(path.stem[-1])
+        assert ds["gradient_accumulation_steps"] == 1  # the stages accumulate themselves
+    if path.stem == "zero3":  # a consolidated 16-bit model is saved; models are created sharded
+        assert raw["deepspeed_config"]["zero3_save_16bit_model"] is True
+        assert raw["deepspeed_config"]["zero3_init_flag"] is True
+    if path.stem == "fsdp2":
+        fsdp = raw["fsdp_config"]
+        assert fsdp["fsdp_version"] == 2 and fsdp["fsdp_transformer_layer_cls_to_wrap"] == "LlamaDecoderLayer"
+        assert fsdp["fsdp_state_dict_type"] in ("SHARDED_STATE_DICT", "FULL_STATE_DICT")
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
+def test_recipe_loads_and_its_paths_resolve(path):
+    r = load_recipe(path)
+    if r.launch.launcher:
+        assert (ROOT / "recipes" / "accelerate" / f"{r.launch.launcher}.yaml").exists()
+        assert (r.launch.gpus == 1) == (r.launch.launcher == "single")
+        assert r.sampling.data_parallel * r.sampling.tensor_parallel <= r.launch.gpus
+    for spec in [r.model.name_or_path, r.model.tokenizer] + [getattr(r.task, f) for f in hub.DATA_FIELDS]:
+        if spec in (None, "tiny", "llama3"):
+            continue
+        if hub.is_hub(spec):
+            assert HUB_NAME.match(spec), spec  # org/name[:split[slice]]
+        else:
+            assert (ROOT / spec).exists(), f"{path.name}: local path {spec} does not exist"
+    if r.task.kind == "files":
+        assert all(getattr(r.task, f) for f in hub.DATA_FIELDS), "a files task names every data set"
+    # the pipeline's invariants (Llama 3): every recipe
+    assert r.dpo.beta == 0.1 and r.dpo.nll_weight == 0.2
+    assert r.reward.margin is False and r.reward.one_row is True
+    assert r.sampling.k >= 2 and r.sampling.rejected in ("worst", "random")
+
+
+@pytest.mark.parametrize("path", REAL, ids=lambda p: p.stem)
+def test_real_model_recipes_use_llama3_hyperparameters(path):
+    r = load_recipe(path)
+    size = "8b" if "8b" in path.name else "1b"
+    assert r.model.name_or_path == {"8b": "meta-llama/Llama-3.1-8B-Instruct", "1b": "meta-llama/Llama-3.2-1B-Instruct"}[size]
+    assert r.model.dtype == "bfloat16" and r.task.kind == "files"
+    assert r.dpo.mask_special_tokens is True and r.dpo.nll_mask_special_tokens is True  # formatting masked everywhere
+    assert 10 <= r.sampling.k <= 30  # Llama 3: K from 10 to 30
+    lora = path.stem.endswith("-lora")
+    for stage in (r.sft, r.reward, r.dpo):
+        assert (stage.lora is not None) == lora
+        assert stage.lr == (1.0e-4 if lora else 1.0e-5)  # Llama 3's 1e-5; LoRA 10x
+        assert stage.max_length >= 2048 and stage.save_every > 0
+    if lora:
+        assert r.launch.launcher in ("single", "ddp")
+    else:
+        assert r.launch.launcher == "zero3"
+    # the global batch: 128 sequences (or pairs) per optimizer step
+    assert r.sft.batch_size * r.sft.grad_accum * r.launch.gpus == 128
+    assert r.dpo.batch_size * r.dpo.grad_accum * r.launch.gpus == 128
+    datasets = {getattr(r.task, f).split(":")[0] for f in hub.DATA_FIELDS}
+    assert datasets <= {"HuggingFaceH4/ultrafeedback_binarized", "Anthropic/hh-rlhf"}
+
+
+def test_gpu_smoke_is_a_llama_3_2_1b_shape():
+    """hidden 2048, 16 layers, 32/8 heads, SwiGLU 8192, RoPE 500k, tied embeddings, the 128k Llama 3 vocabulary:
+    1,235,814,400 parameters, as Llama-3.2-1B (counted on the meta device: nothing allocated)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    r = load_recipe(ROOT / "recipes" / "gpu-smoke.yaml")
+    m = r.model
+    assert (m.name_or_path, m.tokenizer, m.dtype) == ("tiny", "llama3", "bfloat16")
+    assert (m.hidden_size, m.num_layers, m.num_heads, m.num_kv_heads, m.intermediate_size) == (2048, 16, 32, 8, 8192)
+    assert m.rope_theta == 500000.0 and m.tie_word_embeddings is True
+    assert (r.launch.launcher, r.launch.gpus) == ("single", 1)
+    cfg = LlamaConfig(vocab_size=128256, hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
+                      num_hidden_layers=m.num_layers, num_attention_heads=m.num_heads, num_key_value_heads=m.num_kv_heads,
+                      tie_word_embeddings=m.tie_word_embeddings)
+    with torch.device("meta"):
+        n = sum(p.numel() for p in LlamaForCausalLM(cfg).parameters())
+    assert n == 1_235_814_400
+    assert r.sft.max_steps == -1 and 20 <= r.task.n_sft // r.sft.batch_size <= 100  # a few dozen steps
+
+
+def test_bad_launcher_is_one_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match=r"launch.launcher 'zero4': no recipes/accelerate/zero4.yaml \(one of: ddp, fsdp2, single, zero2, zero3\)"):
+        load_recipe(ROOT / "recipes" / "gpu-smoke.yaml", ["launch.launcher=zero4"])
+    with pytest.raises(ConfigError, match="launch.gpus must be >= 1"):
+        load_recipe(ROOT / "recipes" / "gpu-smoke.yaml", ["launch.gpus=0"])
+
+
+def _make_n(*args) -> list[str]:
+    res = subprocess.run(["make", "-n", *args], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    return [line for line in res.stdout.splitlines() if "alignment.pipeline" in line]
+
+
+def test_makefile_launches_training_stages_with_the_recipe_launcher():
+    (cmd,) = _make_n("sft", "RECIPE=recipes/llama-3.1-8b-instruct-full.yaml", "sft.lr=2e-5")
+    assert re.search(r"accelerate launch --config_file recipes/accelerate/zero3.yaml --num_processes 8 .*-m alignment.pipeline "
+                     r"recipes/llama-3.1-8b-instruct-full.yaml --stage sft +sft.lr=2e-5$", cmd), cmd
+    (cmd,) = _make_n("dpo", "RECIPE=recipes/gpu-smoke.yaml", "GPUS=2", "LAUNCHER=zero3")  # the command line wins
+    assert "--config_file recipes/accelerate/zero3.yaml --num_processes 2 " in cmd
+    (cmd,) = _make_n("sample", "RECIPE=recipes/llama-3.1-8b-instruct-full.yaml")  # vLLM spreads itself: one process
+    assert "accelerate" not in cmd and cmd.split()[1:3] == ["-m", "alignment.pipeline"]
+    (cmd,) = _make_n("sft")  # the default recipe: plain python, as before
+    assert "accelerate" not in cmd
+    cmds = [c for c in _make_n("pipeline", "RECIPE=recipes/llama-3.2-1b-instruct-full.yaml") if "--stage " in c]
+    stages = [c.split("--stage ")[1].split()[0] for c in cmds]
+    assert stages == ["prepare", "sft", "reward", "sample", "dpo", "eval"]
+    assert [("accelerate launch" in c) for c in cmds] == [False, True, True, False, True, False]
+    # every round, stage by stage: the schedule comes from the pipeline itself
+    cmds = [c for c in _make_n("pipeline", "RECIPE=recipes/llama-3.2-1b-instruct-full.yaml", "rounds=2") if "--stage " in c]
+    rounds = [(c.split("--stage ")[1].split()[0], c.split("--round ")[1].split()[0]) for c in cmds]
+    assert rounds[5:] == [("reward", "2"), ("sample", "2"), ("sft", "2"), ("dpo", "2"), ("eval", "2")]
+    assert all("rounds=2" in c for c in cmds)
+
+
+def test_hub_inputs_are_read_from_the_prepare_folder(tmp_path, monkeypatch):
+    """A recipe naming hub data and a hub model: prepare writes them under prepare/ (prompts as {id, prompt},
+    a repeated prompt once), and every stage reads those local files (their hashes go into the manifests)."""
+    from alignment import pipeline
+
+    rows = {"HuggingFaceH4/ultrafeedback_binarized:train_gen[:3]": [
+        {"prompt_id": "a", "prompt": "Hi?", "messages": [{"role": "user", "content": "Hi?"}]},
+        {"prompt_id": "a", "prompt": "Hi?"},
+        {"prompt": "Bye?"}]}
+    monkeypatch.setattr(hub, "iter_file", lambda spec: enumerate(rows[spec], 1))
+    n = hub.fetch_dataset("HuggingFaceH4/ultrafeedback_binarized:train_gen[:3]", tmp_path / "prompts.jsonl", "prompts")
+    import json
+
+    got = [json.loads(line) for line in (tmp_path / "prompts.jsonl").read_text().splitlines()]
+    assert n == 2 and [(g["id"], g["prompt"]) for g in got] == [("a", [{"role": "user", "content": "Hi?"}]),
+                                                                ("train_gen[:3]-3", [{"role": "user", "content": "Bye?"}])]
+    r = load_recipe(ROOT / "recipes" / "llama-3.1-8b-instruct-full.yaml", [f"output_dir={tmp_path}"])
+    prep = tmp_path / r.name / "prepare"
+    inputs = pipeline.stage_inputs(r, "sft")
+    assert inputs["model"] == prep / "model" and inputs["data"] == prep / "data" / "sft.jsonl"
+    assert pipeline.stage_inputs(r, "sample")["prompts"] == prep / "data" / "prompts.jsonl"
+    local = tmp_path / "mine.jsonl"
+    local.write_text("")
+    r = load_recipe(ROOT / "recipes" / "llama-3.1-8b-instruct-full.yaml", [f"output_dir={tmp_path}", f"task.sft_data={local}"])
+    assert pipeline.stage_inputs(r, "sft")["data"] == local  # a local file is read where it is
