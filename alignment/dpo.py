@@ -216,7 +216,7 @@ def main(recipe, out_dir: Path, inputs: dict) -> dict:
     eval_prompts (optional, default task: gold-judge figures of the trained policy)."""
     cfg = recipe.dpo
     out_dir = Path(out_dir)
-    accelerator = loop.make_accelerator(out_dir, cfg.report_to, cfg)
+    accelerator = loop.make_accelerator(out_dir, cfg.report_to, cfg, recipe.model.dtype)
     torch.manual_seed(recipe.seed)
 
     # -- setup ---------------------------------------------------------------------------------------------
@@ -234,6 +234,7 @@ def main(recipe, out_dir: Path, inputs: dict) -> dict:
 
     model = loop.load_causal_lm(inputs["model"], recipe.model.dtype)
     model = loop.apply_lora(model, cfg.lora)
+    loop.fp32_master_weights(model, accelerator)  # bf16 compute, float32 updates; the frozen reference stays bf16
     model.train()
     ref_model = None if cfg.lora is not None else load_reference(inputs["model"], recipe.model.dtype)
 

@@ -44,6 +44,24 @@ def apply_lora(model, lora_cfg, task_type: str = "CAUSAL_LM"):
     return get_peft_model(model, cfg)
 
 
+def fp32_master_weights(model, accelerator) -> int:
+    """Keep the trainable weights in float32 when the model was loaded in bf16/fp16; returns how many
+    tensors were upcast. The launcher's mixed precision (`mixed_precision: bf16`) still runs the matmuls in
+    bf16. Without this, AdamW updates of ~lr (1e-5) on weights of ~1e-2 fall below bfloat16's 8-bit
+    mantissa and are rounded away: measured on 2 H200s, DPO under DDP with bf16 weights ended at loss 0.88,
+    margin 0.15, where ZeRO-2/3 and FSDP2 (float32 masters) reached 0.60, margin 1.24. DeepSpeed keeps its
+    own float32 master copy (and casts the module to bf16): left alone there. LoRA: only the adapters
+    (and a trained score head) are upcast; the frozen base stays in its dtype. Saving writes the loaded dtype."""
+    if accelerator.distributed_type.name == "DEEPSPEED":
+        return 0
+    n = 0
+    for p in model.parameters():  # tied embeddings are one Parameter: upcast once, still tied
+        if p.requires_grad and p.is_floating_point() and p.dtype != torch.float32:
+            p.data = p.data.float()
+            n += 1
+    return n
+
+
 @torch.no_grad()
 def init_special_embeddings(model, token_ids: list[int]) -> list[int]:
     """Set untrained rows (norm far below the typical row) of the chat-format tokens to the mean embedding.
@@ -155,9 +173,18 @@ def _write_model(model, tokenizer, out_dir: Path, state: dict | None) -> None:
     if hasattr(model, "peft_config"):  # LoRA: merged into the base weights, from the (gathered) state dict
         state = merge_lora_state(state if state is not None else model.state_dict(), model)
         model = model.get_base_model()
+    loaded = getattr(model.config, "dtype", None)  # the dtype it was loaded in (float32 masters are saved in it)
+    loaded = getattr(torch, loaded) if isinstance(loaded, str) else loaded
+    if isinstance(loaded, torch.dtype) and loaded != torch.float32:
+        state = {k: v.to(loaded) if v.is_floating_point() else v
+                 for k, v in (state if state is not None else model.state_dict()).items()}
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(str(tmp), safe_serialization=True, state_dict=state)
+    if isinstance(loaded, torch.dtype) and loaded != torch.float32:  # save_pretrained wrote the in-memory dtype
+        cfg = json.loads((tmp / "config.json").read_text())
+        cfg["dtype"] = str(loaded).removeprefix("torch.")
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     tokenizer.save_pretrained(str(tmp))
     if out_dir.exists():
         shutil.rmtree(out_dir)
@@ -370,7 +397,7 @@ class TrainLog:
             self.accelerator.end_training()
 
 
-def make_accelerator(out_dir: Path, report_to: str, cfg=None):
+def make_accelerator(out_dir: Path, report_to: str, cfg=None, dtype: str = "float32"):
     """The stage's Accelerator, configured by `accelerate launch` (recipes/accelerate/*.yaml) or one process.
 
     The scheduler steps once per optimizer step whatever the number of processes (plan_steps already counts
@@ -380,7 +407,9 @@ def make_accelerator(out_dir: Path, report_to: str, cfg=None):
     from accelerate.utils import ProjectConfiguration
 
     log_with = None if report_to in ("none", "", None) else report_to
-    acc = Accelerator(log_with=log_with, step_scheduler_with_optimizer=False,
+    # a launcher's config sets the mixed precision; run alone, a bf16/fp16 recipe computes in its dtype
+    mixed = None if os.environ.get("ACCELERATE_MIXED_PRECISION") else {"bfloat16": "bf16", "float16": "fp16"}.get(dtype)
+    acc = Accelerator(log_with=log_with, step_scheduler_with_optimizer=False, mixed_precision=mixed,
                       project_config=ProjectConfiguration(project_dir=str(out_dir), logging_dir=str(out_dir / "logs")))
     plugin = getattr(acc.state, "deepspeed_plugin", None)
     if plugin is not None and cfg is not None:

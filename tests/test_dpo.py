@@ -268,6 +268,27 @@ def test_main_smoke_on_the_fly_reference(tiny, tmp_path, monkeypatch):
     assert not (out / "checkpoints").exists()
 
 
+@pytest.mark.parametrize("precompute", [True, False])
+def test_main_bf16_recipe(tiny, tmp_path, precompute):
+    """A bf16 recipe: the policy trains float32 masters under bf16 autocast against a bf16 reference (the same
+    bf16 matmuls at step 0: ln 2 to 1e-5), and is saved in bf16."""
+    fmt, model_dir, _, _, sets = tiny
+    bf16 = tmp_path / "bf16"
+    dpo.loop.load_causal_lm(model_dir, "bfloat16").save_pretrained(bf16, safe_serialization=True)
+    fmt.tokenizer.save_pretrained(bf16)
+    recipe = load_recipe(None, ["model.dtype=bfloat16", "dpo.lr=1e-4", "dpo.max_steps=2", "dpo.batch_size=6",
+                                "dpo.log_every=1", "dpo.report_to=none", "dpo.max_length=128",
+                                f"dpo.precompute_ref={str(precompute).lower()}"])
+    out = tmp_path / "dpo"
+    dpo.main(recipe, out, {"model": bf16, "data": _write(tmp_path / "pref.jsonl", sets["preference"])})
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert abs(log[0]["train/dpo"] - LN2) < 1e-5 and abs(log[0]["train/rewards/margins"]) < 1e-4
+    from safetensors.torch import load_file
+
+    assert {v.dtype for v in load_file(out / "model" / "model.safetensors").values()} == {torch.bfloat16}
+    assert json.loads((out / "model" / "config.json").read_text())["dtype"] == "bfloat16"
+
+
 def test_main_lora_precomputed_reference(tiny, tmp_path):
     """LoRA + precomputed reference (base with adapters disabled), NLL with eot: step 0 is ln 2 + 0.2 x NLL and
     the merged model moved in the LoRA targets only."""

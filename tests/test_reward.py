@@ -251,3 +251,25 @@ def test_stage_smoke_run(tiny, tmp_path):
     assert unchanged == []
     rm = load_reward_model(out / "model")
     assert rm.config.architectures == ["LlamaForSequenceClassification"]
+
+
+@pytest.mark.parametrize("one_row", [True, False])
+def test_stage_bf16_recipe(tiny, tmp_path, one_row):
+    """A bf16 recipe trains float32 masters under bf16 autocast (the one-row mask stays float32, which SDPA
+    takes with bf16 queries) and saves the reward model in bf16."""
+    from safetensors.torch import load_file
+
+    from alignment.loop import load_causal_lm
+    from reward import train
+
+    base = tmp_path / "bf16"
+    load_causal_lm(tiny["base"], "bfloat16").save_pretrained(base, safe_serialization=True)
+    tiny["fmt"].tokenizer.save_pretrained(base)
+    data = tmp_path / "pref.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in tiny["sets"]["preference"][:8]))
+    recipe = load_recipe(None, ["model.dtype=bfloat16", "reward.lr=1e-3", "reward.batch_size=4", "reward.max_steps=3",
+                                "reward.report_to=none", "reward.max_length=128", f"reward.one_row={str(one_row).lower()}"])
+    m = train.main(recipe, tmp_path / "reward", {"model": base, "data": data})
+    assert m["steps"] == 3 and math.isfinite(m["final_loss"])
+    saved = load_file(str(tmp_path / "reward" / "model" / "model.safetensors"))
+    assert {v.dtype for v in saved.values()} == {torch.bfloat16} and "score.weight" in saved

@@ -117,3 +117,55 @@ def test_sft_smoke_every_parameter_changes(tmp_path, tiny_fmt):
     assert metrics["data"]["n_in"] == 25 and metrics["data"]["n_kept"] == 24
     log = [json.loads(l) for l in open(tmp_path / "out" / "train_log.jsonl")]
     assert log and "train/loss" in log[0]
+
+
+def test_sft_bf16_recipe_trains_float32_masters_saves_bf16(tmp_path, tiny_fmt):
+    """A bf16 recipe: the trainable weights are float32 masters (bf16 compute by autocast), so updates of
+    lr 2e-5 accumulate instead of rounding away in bf16's 8-bit mantissa; the model is saved in bf16."""
+    from alignment import sft
+    from alignment.runs import write_jsonl
+    from data.default_task import generate
+    from safetensors.torch import load_file
+
+    model_dir = tmp_path / "base"
+    tiny_lm(tiny_fmt).to(torch.bfloat16).save_pretrained(model_dir, safe_serialization=True)
+    tiny_fmt.tokenizer.save_pretrained(model_dir)
+    before = load_file(model_dir / "model.safetensors")
+    records = generate(seed=1, n_sft=40, n_preference=0, n_eval_preference=0, n_eval_prompts=0, n_sampling_prompts=0)["sft"]
+    write_jsonl(tmp_path / "sft.jsonl", records)
+    recipe = load_recipe(None, ["model.dtype=bfloat16", "sft.lr=3e-5", "sft.max_steps=10", "sft.batch_size=4",
+                                "sft.report_to=none", "sft.warmup_ratio=0"])
+    sft.main(recipe, tmp_path / "out", {"model": model_dir, "data": tmp_path / "sft.jsonl"})
+    after = load_file(tmp_path / "out" / "model" / "model.safetensors")
+    assert {v.dtype for v in after.values()} == {torch.bfloat16}
+    assert json.loads((tmp_path / "out" / "model" / "config.json").read_text())["dtype"] == "bfloat16"
+    # Adam moves every weight by ~lr per step: 10 x 2e-5 = 2e-4, ~1% of a 0.02 weight, ~4 bf16 half-ulps;
+    # one step alone (0.1%) is below half an ulp, so bf16 weights updated in place would barely move
+    w0, w1 = before["model.layers.0.mlp.up_proj.weight"].float(), after["model.layers.0.mlp.up_proj.weight"].float()
+    assert (w0 != w1).float().mean() > 0.5
+
+
+def test_fp32_master_weights_keeps_ties_and_frozen_base():
+    from alignment.config import LoraConfig
+    from alignment.loop import apply_lora, fp32_master_weights
+
+    class NoLauncher:
+        class distributed_type:
+            name = "NO"
+
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=1,
+                      num_key_value_heads=1, head_dim=32, tie_word_embeddings=True)
+    full = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    assert fp32_master_weights(full, NoLauncher) == len(list(full.parameters()))
+    assert {p.dtype for p in full.parameters()} == {torch.float32}
+    assert full.lm_head.weight is full.model.embed_tokens.weight  # still one tied Parameter
+    lora = apply_lora(LlamaForCausalLM(cfg).to(torch.bfloat16), LoraConfig(r=4, alpha=8, dropout=0.0, target_modules=["q_proj"]))
+    fp32_master_weights(lora, NoLauncher)
+    assert {p.dtype for p in lora.parameters() if p.requires_grad} == {torch.float32}
+    assert {p.dtype for p in lora.parameters() if not p.requires_grad} == {torch.bfloat16}
+
+    class DeepSpeed:
+        class distributed_type:
+            name = "DEEPSPEED"
+
+    assert fp32_master_weights(LlamaForCausalLM(cfg).to(torch.bfloat16), DeepSpeed) == 0
