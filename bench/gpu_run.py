@@ -2,7 +2,9 @@
 
     python bench/gpu_run.py recipes/gpu-smoke.yaml --kind nvidia-h100-x1                  # every stage, one GPU
     python bench/gpu_run.py recipes/gpu-smoke.yaml --kind nvidia-h200-x2 --launcher zero3 --gpus 2 \\
-        --stages prepare,sft,dpo dpo.data=preference                                       # DPO under ZeRO-3
+        sampling.data_parallel=2                                  # every stage: ZeRO-3 x 2, two vLLM engines
+    python bench/gpu_run.py recipes/gpu-smoke.yaml --kind nvidia-h200-x2 --launcher ddp --gpus 2 \\
+        --stages dpo --append --label ddp                         # the same stage again, as entry "dpo:ddp"
 
 Each stage runs as the Makefile runs it: the training stages (sft, reward, dpo) under
 `accelerate launch --config_file recipes/accelerate/<launcher>.yaml --num_processes <gpus>`, prepare and
@@ -117,6 +119,8 @@ def main(argv=None) -> int:
     ap.add_argument("--stages", default="prepare,sft,reward,sample,dpo")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     ap.add_argument("--append", action="store_true", help="add these stages to an existing result file of the same name")
+    ap.add_argument("--label", default=None, help="key this call's entries '<stage>:<label>' (the same stage again under "
+                    "another launcher or setting, appended to the same file)")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_intermixed_args(argv)
 
@@ -142,7 +146,7 @@ def main(argv=None) -> int:
     if args.append and out_file.exists():  # a run split over several commands (each has a time limit)
         earlier = read_json(out_file)
         result["stages"] = earlier["stages"]
-        result["model_parameters"] = earlier.get("model_parameters")
+        result.update({k: earlier.get(k) for k in ("model_parameters", "launcher", "launcher_config", "gpus", "overrides")})
     logs = Path(recipe.output_dir) / recipe.name / "bench-logs"
     logs.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -150,9 +154,12 @@ def main(argv=None) -> int:
     ok = True
     for stage in args.stages.split(","):
         extra = []
-        if stage == "dpo" and recipe.dpo.data == "sampling" and "sample" in result["stages"]:
-            if not result["stages"]["sample"].get("pairs"):  # recorded in the entry's note
+        sampled = [v for k, v in result["stages"].items() if k.split(":")[0] == "sample"]
+        if stage == "dpo" and recipe.dpo.data == "sampling" and sampled:
+            if not sampled[-1].get("pairs"):  # recorded in the entry's note
                 extra = ["dpo.data=preference"]
+        if stage == "sample":  # fresh generation: --force reruns the stage, but it would resume finished shards
+            shutil.rmtree(stage_dir(recipe, "sample") / "candidates", ignore_errors=True)
         cmd = stage_command(stage, args.recipe, launcher, gpus, overrides + extra)
         print(f"== {stage}: {' '.join(cmd)}", flush=True)
         log = logs / f"{stage}.log"
@@ -161,6 +168,7 @@ def main(argv=None) -> int:
             rc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
         wall = time.perf_counter() - t0
         entry = {"completed": rc == 0, "wall_seconds": round(wall, 1), "command": " ".join(cmd[cmd.index("-m"):] if "-m" in cmd else cmd),
+                 "launcher": launcher if stage in TRAINING else None,
                  "processes": gpus if stage in TRAINING and launcher else 1,
                  "peak_gpu_mem_used_gb": round(max(mem.peak) / 1024, 2) if mem.peak else None}
         if extra:
@@ -177,7 +185,7 @@ def main(argv=None) -> int:
             entry.update({k: m[k] for k in FIGURES.get(stage, ()) if k in m})
             if stage == "prepare":
                 result["model_parameters"] = m.get("parameters")
-        result["stages"][stage] = entry
+        result["stages"][f"{stage}:{args.label}" if args.label else stage] = entry
         tail = log.read_text(errors="replace").splitlines()
         print(f"   {stage}: rc={rc} wall={wall:.1f}s " + json.dumps({k: v for k, v in entry.items() if k != "command"}), flush=True)
         if rc != 0:
