@@ -248,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
             todo = [(r, s) for r, s in schedule(recipe) if available(s)]
         for round_idx, stage in todo:
             run_stage(recipe, stage, round_idx, force=args.force and bool(args.stage))
-            if stage == "eval":
+            if stage == "eval" and int(os.environ.get("RANK", "0")) == 0:  # the other ranks waited for it
                 build_dashboard(recipe)
                 print_report(recipe)
     except (ConfigError, DataError, ChatFormatError, TemplateMismatch, FileNotFoundError) as e:
