@@ -175,15 +175,16 @@ def _write_model(model, tokenizer, out_dir: Path, state: dict | None) -> None:
         model = model.get_base_model()
     loaded = getattr(model.config, "dtype", None)  # the dtype it was loaded in (float32 masters are saved in it)
     loaded = getattr(torch, loaded) if isinstance(loaded, str) else loaded
-    if isinstance(loaded, torch.dtype) and loaded != torch.float32:
-        state = {k: v.to(loaded) if v.is_floating_point() else v
+    cast = loaded if isinstance(loaded, torch.dtype) and loaded != torch.float32 else None
+    if cast is not None:
+        state = {k: v.to(cast) if v.is_floating_point() else v
                  for k, v in (state if state is not None else model.state_dict()).items()}
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(str(tmp), safe_serialization=True, state_dict=state)
-    if isinstance(loaded, torch.dtype) and loaded != torch.float32:  # save_pretrained wrote the in-memory dtype
+    if cast is not None:  # save_pretrained wrote the in-memory dtype
         cfg = json.loads((tmp / "config.json").read_text())
-        cfg["dtype"] = str(loaded).removeprefix("torch.")
+        cfg["dtype"] = str(cast).removeprefix("torch.")
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     tokenizer.save_pretrained(str(tmp))
     if out_dir.exists():
