@@ -16,8 +16,8 @@ RECIPE_LAUNCH := $(shell test -x $(PY) && $(PY) -c 'import sys, yaml; l = (yaml.
 LAUNCHER ?= $(filter-out -,$(word 1,$(RECIPE_LAUNCH)))
 GPUS ?= $(or $(word 2,$(RECIPE_LAUNCH)),1)
 ACCELERATE_ARGS ?=
-RUN_PLAIN = $(PY) -m alignment.pipeline
-RUN_TRAIN = $(if $(LAUNCHER),$(VENV)/bin/accelerate launch --config_file recipes/accelerate/$(LAUNCHER).yaml --num_processes $(GPUS) $(ACCELERATE_ARGS) -m alignment.pipeline,$(RUN_PLAIN))
+RUN_PLAIN = $(PY) -m pipeline.run
+RUN_TRAIN = $(if $(LAUNCHER),$(VENV)/bin/accelerate launch --config_file recipes/accelerate/$(LAUNCHER).yaml --num_processes $(GPUS) $(ACCELERATE_ARGS) -m pipeline.run,$(RUN_PLAIN))
 
 .PHONY: install pipeline prepare sft reward sample dpo eval average test test-slow inspect clean
 .PHONY: dashboard
@@ -39,7 +39,7 @@ endif
 
 pipeline: install
 ifeq ($(LAUNCHER),)
-	$(PY) -m alignment.pipeline $(RECIPE) $(OVERRIDES)
+	$(PY) -m pipeline.run $(RECIPE) $(OVERRIDES)
 else
 	@# stage by stage, every round: training stages under the launcher, the others as one process
 	set -o pipefail; $(RUN_PLAIN) $(RECIPE) --schedule $(OVERRIDES) | while read -r round stage; do \
@@ -55,7 +55,7 @@ sft reward dpo: install
 
 # Average the weights of several model folders (runs or checkpoints of one stage): make average OUT=dir MODELS="a b c"
 average: install
-	$(PY) -m alignment.average $(OUT) $(MODELS)
+	$(PY) -m core.average $(OUT) $(MODELS)
 
 inspect: install
 	$(PY) -m data.inspect $(FILE) --tokenizer $(TOKENIZER) $(if $(JSON),--json $(JSON))

@@ -1,7 +1,7 @@
 """Stage 4: DPO, Llama 3 style: sigmoid DPO (beta 0.1) + 0.2 x NLL of the chosen response, formatting masked.
 
-    python -m alignment.pipeline recipes/default.yaml --stage dpo [dpo.beta=0.1 dpo.data=preference ...]
-    accelerate launch --config_file recipes/accelerate/<launcher>.yaml -m alignment.pipeline RECIPE --stage dpo
+    python -m pipeline.run recipes/default.yaml --stage dpo [dpo.beta=0.1 dpo.data=preference ...]
+    accelerate launch --config_file recipes/accelerate/<launcher>.yaml -m pipeline.run RECIPE --stage dpo
 
 Setup -> reference log-probs -> loop -> save:
 - data: preference pairs, validated by data.validate (bad records reported and skipped). Rejection-sampling
@@ -14,7 +14,7 @@ Setup -> reference log-probs -> loop -> save:
   the NLL term. Off: plain DPO on the completions, eot included (TRL's masks). `nll_mask_special_tokens`
   off keeps the chosen response's eot in the NLL term only (the DPO term stays masked): with the eot masked
   everywhere nothing rewards stopping, and a small model learns to append its chosen data's chatter.
-- loss (alignment.losses.dpo_nll_loss): DPO averaged over the pairs of the optimizer step + nll_weight x the
+- loss (core.losses.dpo_nll_loss): DPO averaged over the pairs of the optimizer step + nll_weight x the
   chosen responses' NLL summed over the step and divided by the step's chosen-token count (all micro-batches,
   all processes), so gradient accumulation equals one big batch. Log-probs are float32 sums over tokens.
   Chosen and rejected go through the policy in ONE forward pass (batch 2B, chosen first).
@@ -31,13 +31,15 @@ Setup -> reference log-probs -> loop -> save:
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
-from alignment import loop
-from alignment.losses import dpo_nll_loss, token_logps
+from core.evaluate import evaluate_saved_policy
+from core import checkpoints, distributed, models, optim, tracking
+from core.logps import completion_logps
+from core.losses import dpo_nll_loss
 from data.chat_format import ChatFormat, Encoded, collate, load_tokenizer
 from data.validate import load_preferences, load_prompts, prompt_keys
 from data.formats import DataError
@@ -90,17 +92,17 @@ def collate_pairs(pairs: list[tuple[Encoded, Encoded]], pad_id: int, mask_specia
 def pair_logps(model, batch: dict, nll: bool = False) -> tuple[torch.Tensor, ...]:
     """Summed float32 completion log-probs of a collated pair batch: (chosen [B], rejected [B]), and with
     `nll` the chosen ones under the NLL term's mask too ([B]); one forward pass, one log-softmax."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # [2B, T, V]
-    tok = token_logps(logits, batch["input_ids"])  # [2B, T-1] float32
-    pc, pr = (tok * batch["loss_mask"][:, 1:]).sum(-1).chunk(2)  # [B], [B]
-    if not nll:
-        return pc, pr
-    return pc, pr, (tok[: pc.numel()] * batch["nll_mask"][:, 1:]).sum(-1)
+    masks = [batch["loss_mask"]]
+    if nll:  # the chosen rows' NLL mask, zero on the rejected rows
+        masks.append(torch.cat([batch["nll_mask"], torch.zeros_like(batch["nll_mask"])]))
+    logps = completion_logps(model, batch["input_ids"], batch["attention_mask"], masks)  # each [2B]
+    pc, pr = logps[0].chunk(2)  # [B], [B]
+    return (pc, pr, logps[1][: pc.numel()]) if nll else (pc, pr)
 
 
 def load_reference(path, dtype: str):
     """The frozen reference: eval mode (no dropout), no gradients, never given to the optimizer."""
-    ref = loop.load_causal_lm(path, dtype)
+    ref = models.load_causal_lm(path, dtype)
     ref.eval()
     ref.requires_grad_(False)
     return ref
@@ -165,12 +167,12 @@ def precompute_reference(pairs, fmt: ChatFormat, cfg, accelerator, ref_model=Non
     # gathers weights collectively); the padded rows land past n and are dropped
     out = torch.zeros(shard, 2, dtype=torch.float32, device=accelerator.device)
     bs = max(1, cfg.batch_size)
-    bar = tqdm(range(0, len(mine), bs), desc="reference log-probs", disable=not accelerator.is_local_main_process)
+    bar = tracking.progress(range(0, len(mine), bs), desc="reference log-probs", disable=not accelerator.is_local_main_process)
     for i in bar:
         idx = mine[i : i + bs]
         batch = collate_pairs([pairs[j] for j in idx], fmt.pad_id, cfg.mask_special_tokens)
-        rc, rr = reference_logps({k: v.to(accelerator.device) for k, v in batch.items()}, ref_model, policy)
-        out[i : i + len(idx)] = torch.stack([rc, rr], -1)
+        ref_chosen, ref_rejected = reference_logps({k: v.to(accelerator.device) for k, v in batch.items()}, ref_model, policy)
+        out[i : i + len(idx)] = torch.stack([ref_chosen, ref_rejected], -1)
     if world > 1:
         out = accelerator.gather(out)  # [world * shard, 2], in rank order
     return out[:n].cpu()
@@ -192,20 +194,21 @@ def dpo_step(model, micro_batches: list[dict], cfg, accelerator, world_size: int
     sums = torch.zeros(7, dtype=torch.float64, device=accelerator.device)
     for i, mb in enumerate(micro_batches):
         sync = i == len(micro_batches) - 1
-        with loop.micro_batch(accelerator, model, last=sync):  # gradients synchronised on the last one
+        with distributed.micro_batch(accelerator, model, last=sync):  # gradients synchronised on the last one
             pc, pr, pc_nll = pair_logps(model, mb, nll=True)  # [B] each
-            loss, losses, cr, rr = dpo_nll_loss(pc, pr, mb["ref_chosen"], mb["ref_rejected"], cfg.beta, cfg.nll_weight,
+            loss, losses, chosen_rewards, rejected_rewards = dpo_nll_loss(pc, pr, mb["ref_chosen"], mb["ref_rejected"], cfg.beta, cfg.nll_weight,
                                                 n_chosen_tokens=n_tokens, n_pairs=n_pairs, chosen_nll_logps=pc_nll)
             accelerator.backward(loss * world_size)
             pc, pr = pc.detach(), pr.detach()
-            sums += torch.stack([losses.detach().sum(), -pc_nll.detach().sum(), cr.sum(), rr.sum(),
-                                 (cr > rr).float().sum(), pc.sum(), pr.sum()]).double()
+            sums += torch.stack([losses.detach().sum(), -pc_nll.detach().sum(), chosen_rewards.sum(), rejected_rewards.sum(),
+                                 (chosen_rewards > rejected_rewards).float().sum(), pc.sum(), pr.sum()]).double()
     if world_size > 1:
         sums = accelerator.reduce(sums, "sum")
-    dpo_sum, nll_sum, cr_sum, rr_sum, acc_sum, pc_sum, pr_sum = sums.tolist()
+    dpo_sum, nll_sum, chosen_sum, rejected_sum, acc_sum, pc_sum, pr_sum = sums.tolist()
     p, t = max(1.0, n_pairs), max(1.0, n_tokens)
     return {"loss": dpo_sum / p + cfg.nll_weight * nll_sum / t, "dpo": dpo_sum / p, "nll": nll_sum / t,
-            "rewards/chosen": cr_sum / p, "rewards/rejected": rr_sum / p, "rewards/margins": (cr_sum - rr_sum) / p,
+            "rewards/chosen": chosen_sum / p, "rewards/rejected": rejected_sum / p,
+            "rewards/margins": (chosen_sum - rejected_sum) / p,
             "rewards/accuracies": acc_sum / p, "logps/chosen": pc_sum / p, "logps/rejected": pr_sum / p,
             "pairs": int(n_pairs), "tokens": int(n_tokens)}
 
@@ -216,7 +219,7 @@ def main(recipe, out_dir: Path, inputs: dict) -> dict:
     eval_prompts (optional, default task: gold-judge figures of the trained policy)."""
     cfg = recipe.dpo
     out_dir = Path(out_dir)
-    accelerator = loop.make_accelerator(out_dir, cfg.report_to, cfg, recipe.model.dtype)
+    accelerator = distributed.make_accelerator(out_dir, cfg.report_to, cfg, recipe.model.dtype)
     torch.manual_seed(recipe.seed)
 
     # -- setup ---------------------------------------------------------------------------------------------
@@ -232,45 +235,45 @@ def main(recipe, out_dir: Path, inputs: dict) -> dict:
     accelerator.print(f"dpo: {len(pairs)} pairs ({pair_counts['from_edited']} edited > rejected), "
                       f"mask_special_tokens={cfg.mask_special_tokens}, precompute_ref={cfg.precompute_ref}")
 
-    model = loop.load_causal_lm(inputs["model"], recipe.model.dtype)
-    model = loop.apply_lora(model, cfg.lora)
-    loop.fp32_master_weights(model, accelerator)  # bf16 compute, float32 updates; the frozen reference stays bf16
+    model = models.load_causal_lm(inputs["model"], recipe.model.dtype)
+    model = models.apply_lora(model, cfg.lora)
+    models.fp32_master_weights(model, accelerator)  # bf16 compute, float32 updates; the frozen reference stays bf16
     model.train()
     ref_model = None if cfg.lora is not None else load_reference(inputs["model"], recipe.model.dtype)
 
     world = accelerator.num_processes
-    plan = loop.plan_steps(len(pairs), cfg, world, recipe.seed)
-    optimizer, scheduler = loop.make_optimizer(model, cfg, len(plan))
-    snapshots = loop.snapshot_steps(len(plan), cfg)  # weights averaged into the final model (average_last)
+    plan = optim.plan_steps(len(pairs), cfg, world, recipe.seed)
+    optimizer, scheduler = optim.make_optimizer(model, cfg, len(plan))
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     ref_model = prepare_reference(ref_model, accelerator) if ref_model is not None else None
     policy = accelerator.unwrap_model(model)  # for disable_adapter() when the reference is the LoRA base
 
-    ckpt_dir, config_hash, start, log = loop.start_or_resume(accelerator, out_dir, recipe, inputs, cfg)
+    run = checkpoints.start_or_resume(accelerator, out_dir, recipe, inputs, cfg, len(plan))
 
     ref_table = None  # [N, 2] reference log-probs when precomputed
     if cfg.precompute_ref:
-        cache = ckpt_dir / "ref_logps.pt"
+        cache = run.ckpt_dir / "ref_logps.pt"
         saved = torch.load(cache, weights_only=True) if cache.exists() else None
-        if saved is not None and saved.get("config_hash") == config_hash and len(saved["logps"]) == len(pairs):
+        if saved is not None and saved.get("config_hash") == run.config_hash and len(saved["logps"]) == len(pairs):
             ref_table = saved["logps"]
         else:
             ref_table = precompute_reference(pairs, fmt, cfg, accelerator, ref_model, policy)
             if accelerator.is_main_process and cfg.save_every:
-                ckpt_dir.mkdir(parents=True, exist_ok=True)
-                torch.save({"config_hash": config_hash, "logps": ref_table}, cache.with_suffix(".tmp"))
+                run.ckpt_dir.mkdir(parents=True, exist_ok=True)
+                torch.save({"config_hash": run.config_hash, "logps": ref_table}, cache.with_suffix(".tmp"))
                 os.replace(cache.with_suffix(".tmp"), cache)  # atomic: a killed save leaves no torn cache
         ref_model = None  # freed: never needed again
 
     # -- loop --------------------------------------------------------------------------------------------------
     history: list[dict] = []
     first_loss = None
-    speed = loop.Throughput(accelerator)
-    bar = tqdm(range(start, len(plan)), desc="dpo", disable=not accelerator.is_local_main_process, initial=start, total=len(plan))
+    speed = tracking.Throughput(accelerator)
+    bar = tracking.progress(range(run.start, len(plan)), desc="dpo", disable=not accelerator.is_local_main_process,
+                            initial=run.start, total=len(plan))
     for step in bar:
         micro = []
         for idx in plan[step]:
-            mine = loop.rank_slice(idx, accelerator.process_index, world)
+            mine = distributed.rank_slice(idx, accelerator.process_index, world)
             batch = collate_pairs([pairs[i] for i in mine], fmt.pad_id, cfg.mask_special_tokens, cfg.nll_mask_special_tokens)
             mb = {k: v.to(accelerator.device) for k, v in batch.items()}
             if ref_table is not None:
@@ -288,24 +291,20 @@ def main(recipe, out_dir: Path, inputs: dict) -> dict:
         first_loss = stats["loss"] if first_loss is None else first_loss
         history.append(stats)
         bar.set_postfix(loss=f"{stats['loss']:.3f}", acc=f"{stats['rewards/accuracies']:.2f}")
-        if step % cfg.log_every == 0 or step == len(plan) - 1:
-            log.log(step, {**{f"train/{k}": stats[k] for k in (*METRICS, "dpo", "tokens")},
-                           **loop.grad_norm_value(grad_norm), "train/lr": scheduler.get_last_lr()[0]})
-        if step + 1 in snapshots[:-1]:
-            loop.save_snapshot(model, fmt.tokenizer, out_dir, step + 1, accelerator)
-        if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < len(plan):
-            loop.save_checkpoint(accelerator, ckpt_dir, step + 1, config_hash)
-    log.close()
+        run.log_step(step, {**{f"train/{k}": stats[k] for k in (*METRICS, "dpo", "tokens")},
+                           **tracking.grad_norm_value(grad_norm), "train/lr": scheduler.get_last_lr()[0]})
+        run.end_step(step, model, fmt.tokenizer)
     perf = speed.metrics()
 
     # -- save + eval -------------------------------------------------------------------------------------------
-    loop.save_model(model, fmt.tokenizer, out_dir / "model", accelerator)
-    averaged = loop.average_snapshots(out_dir, snapshots, accelerator)
+    averaged = run.finish(model, fmt.tokenizer)  # out_dir/model, averaged with the snapshots when asked
     tail = history[-max(1, min(len(history), cfg.log_every)) :]  # the last steps of this run
     metrics = {"steps": len(plan), "first_loss": first_loss, "final_loss": history[-1]["loss"] if history else None,
                **{k: round(sum(s[k] for s in tail) / len(tail), 6) for k in METRICS if tail},
                "pairs": pair_counts, "data": report.to_dict(), "beta": cfg.beta, "nll_weight": cfg.nll_weight,
                "mask_special_tokens": cfg.mask_special_tokens,
                "nll_mask_special_tokens": cfg.nll_mask_special_tokens, **perf, **averaged}
-    metrics.update(loop.finish_policy(accelerator, out_dir, recipe, fmt, inputs, ckpt_dir))
+    metrics.update(evaluate_saved_policy(accelerator, out_dir, recipe, fmt, inputs.get("eval_prompts")))
+    if accelerator.is_main_process:
+        shutil.rmtree(run.ckpt_dir, ignore_errors=True)  # the model is saved: its checkpoints are done with
     return metrics

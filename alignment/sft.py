@@ -1,7 +1,7 @@
 """Stage 1: supervised fine-tuning, loss on assistant tokens only.
 
-    python -m alignment.pipeline recipes/default.yaml --stage sft [sft.lr=1e-4 ...]     # via the pipeline
-    accelerate launch --config_file recipes/accelerate/<launcher>.yaml -m alignment.pipeline RECIPE --stage sft
+    python -m pipeline.run recipes/default.yaml --stage sft [sft.lr=1e-4 ...]     # via the pipeline
+    accelerate launch --config_file recipes/accelerate/<launcher>.yaml -m pipeline.run RECIPE --stage sft
 
 Setup -> loop -> save:
 - data: `messages` records, validated (bad records reported and skipped), tokenized by the shared chat
@@ -14,13 +14,14 @@ Setup -> loop -> save:
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
-from alignment import loop
-from alignment.losses import masked_nll_sum
+from core.evaluate import evaluate_saved_policy
+from core import checkpoints, distributed, models, optim, tracking
+from core.logps import completion_logps
 from data.chat_format import collate, load_tokenizer
 from data.validate import load_sft
 from data.formats import DataError
@@ -37,9 +38,9 @@ def sft_step(model, micro_batches: list[dict], accelerator, world_size: int) -> 
     total = 0.0
     for i, mb in enumerate(micro_batches):
         sync = i == len(micro_batches) - 1
-        with loop.micro_batch(accelerator, model, last=sync):  # gradients synchronised on the last one
-            logits = model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits  # [B, T, V]
-            nll, _ = masked_nll_sum(logits, mb["input_ids"], mb["loss_mask"])
+        with distributed.micro_batch(accelerator, model, last=sync):  # gradients synchronised on the last one
+            (logps,) = completion_logps(model, mb["input_ids"], mb["attention_mask"], [mb["loss_mask"]])  # [B]
+            nll = -logps.sum()
             loss = nll * world_size / max(1, n_step)
             accelerator.backward(loss)
             total += nll.item()
@@ -52,7 +53,7 @@ def main(recipe, out_dir: Path, inputs: dict) -> dict:
     """inputs: model (HF dir with tokenizer), data (SFT records), eval_prompts (optional, default task)."""
     cfg = recipe.sft
     out_dir = Path(out_dir)
-    accelerator = loop.make_accelerator(out_dir, cfg.report_to, cfg, recipe.model.dtype)
+    accelerator = distributed.make_accelerator(out_dir, cfg.report_to, cfg, recipe.model.dtype)
     torch.manual_seed(recipe.seed)
 
     # -- setup ---------------------------------------------------------------------------------------
@@ -64,28 +65,28 @@ def main(recipe, out_dir: Path, inputs: dict) -> dict:
         raise DataError(f"{inputs['data']}: no usable SFT records")
     examples = [r["encoded"] for r in records]
 
-    model = loop.load_causal_lm(inputs["model"], recipe.model.dtype)
-    reset = loop.init_special_embeddings(model, sorted(fmt.formatting_ids)) if cfg.init_special_embeddings else []
-    model = loop.apply_lora(model, cfg.lora)
-    loop.fp32_master_weights(model, accelerator)  # bf16 compute, float32 updates
+    model = models.load_causal_lm(inputs["model"], recipe.model.dtype)
+    reset = models.init_special_embeddings(model, sorted(fmt.formatting_ids)) if cfg.init_special_embeddings else []
+    model = models.apply_lora(model, cfg.lora)
+    models.fp32_master_weights(model, accelerator)  # bf16 compute, float32 updates
     model.train()
 
     world = accelerator.num_processes
-    plan = loop.plan_steps(len(examples), cfg, world, recipe.seed)
-    optimizer, scheduler = loop.make_optimizer(model, cfg, len(plan))
-    snapshots = loop.snapshot_steps(len(plan), cfg)  # weights averaged into the final model (average_last)
+    plan = optim.plan_steps(len(examples), cfg, world, recipe.seed)
+    optimizer, scheduler = optim.make_optimizer(model, cfg, len(plan))
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
 
-    ckpt_dir, config_hash, start, log = loop.start_or_resume(accelerator, out_dir, recipe, inputs, cfg)
+    run = checkpoints.start_or_resume(accelerator, out_dir, recipe, inputs, cfg, len(plan))
 
     # -- loop ----------------------------------------------------------------------------------------
     first_loss = last_loss = None
-    speed = loop.Throughput(accelerator)
-    bar = tqdm(range(start, len(plan)), desc="sft", disable=not accelerator.is_local_main_process, initial=start, total=len(plan))
+    speed = tracking.Throughput(accelerator)
+    bar = tracking.progress(range(run.start, len(plan)), desc="sft", disable=not accelerator.is_local_main_process,
+                            initial=run.start, total=len(plan))
     for step in bar:
         micro = []
         for idx in plan[step]:
-            batch = [examples[i] for i in loop.rank_slice(idx, accelerator.process_index, world)]
+            batch = [examples[i] for i in distributed.rank_slice(idx, accelerator.process_index, world)]
             micro.append({k: v.to(accelerator.device) for k, v in collate(batch, fmt.pad_id, "assistant").items()})
         loss, n_tokens = sft_step(model, micro, accelerator, world)
         speed.add(micro, fmt.pad_id, sum(len(mb["input_ids"]) for mb in micro))
@@ -96,19 +97,15 @@ def main(recipe, out_dir: Path, inputs: dict) -> dict:
         first_loss = loss if first_loss is None else first_loss
         last_loss = loss
         bar.set_postfix(loss=f"{loss:.3f}")
-        if step % cfg.log_every == 0 or step == len(plan) - 1:
-            log.log(step, {"train/loss": loss, **loop.grad_norm_value(grad_norm), "train/lr": scheduler.get_last_lr()[0], "train/tokens": n_tokens})
-        if step + 1 in snapshots[:-1]:
-            loop.save_snapshot(model, fmt.tokenizer, out_dir, step + 1, accelerator)
-        if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < len(plan):
-            loop.save_checkpoint(accelerator, ckpt_dir, step + 1, config_hash)
-    log.close()
+        run.log_step(step, {"train/loss": loss, **tracking.grad_norm_value(grad_norm), "train/lr": scheduler.get_last_lr()[0], "train/tokens": n_tokens})
+        run.end_step(step, model, fmt.tokenizer)
     perf = speed.metrics()
 
     # -- save + eval ---------------------------------------------------------------------------------
-    loop.save_model(model, fmt.tokenizer, out_dir / "model", accelerator)
-    averaged = loop.average_snapshots(out_dir, snapshots, accelerator)
+    averaged = run.finish(model, fmt.tokenizer)  # out_dir/model, averaged with the snapshots when asked
     metrics = {"steps": len(plan), "examples": len(examples), "first_loss": first_loss, "final_loss": last_loss,
                "data": report.to_dict(), "special_embeddings_reset": reset, **perf, **averaged}
-    metrics.update(loop.finish_policy(accelerator, out_dir, recipe, fmt, inputs, ckpt_dir))
+    metrics.update(evaluate_saved_policy(accelerator, out_dir, recipe, fmt, inputs.get("eval_prompts")))
+    if accelerator.is_main_process:
+        shutil.rmtree(run.ckpt_dir, ignore_errors=True)  # the model is saved: its checkpoints are done with
     return metrics

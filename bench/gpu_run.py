@@ -91,7 +91,7 @@ def versions() -> dict:
 
 
 def stage_command(stage: str, recipe: str, launcher: str | None, gpus: int, overrides: list[str]) -> list[str]:
-    args = ["-m", "alignment.pipeline", recipe, "--stage", stage, "--force", *overrides]
+    args = ["-m", "pipeline.run", recipe, "--stage", stage, "--force", *overrides]
     if stage in TRAINING and launcher:
         accelerate = shutil.which("accelerate") or str(Path(sys.executable).with_name("accelerate"))
         cfg = ROOT / "recipes" / "accelerate" / f"{launcher}.yaml"
@@ -124,8 +124,9 @@ def main(argv=None) -> int:
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_intermixed_args(argv)
 
-    from alignment.config import load_recipe
-    from alignment.runs import read_json, stage_dir, write_json
+    from core.config import load_recipe
+    from core.runs import stage_dir
+    from data.io import read_json, write_json
 
     recipe = load_recipe(args.recipe, args.overrides)
     launcher = args.launcher or recipe.launch.launcher

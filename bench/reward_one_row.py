@@ -39,7 +39,7 @@ def ensure_model(path: str | None, work: Path) -> Path:
     prepared = ROOT / "runs" / "default" / "prepare" / "model"
     if (prepared / "model.safetensors").exists():
         return prepared
-    from alignment.config import load_recipe
+    from core.config import load_recipe
     from data import default_task
     from data.tiny import make_model, train_tokenizer
 

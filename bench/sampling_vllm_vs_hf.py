@@ -140,7 +140,7 @@ def main() -> int:
 
     tmp = None
     if not args.model:
-        from alignment.config import ModelConfig
+        from core.config import ModelConfig
         from data import default_task
         from data.tiny import make_model, train_tokenizer
 

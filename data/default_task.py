@@ -183,3 +183,10 @@ def corpus(datasets: dict[str, list[dict]]) -> list[str]:
     texts += [" ".join(FACTS[c]) + " " + " ".join(FACTS[c].values()) for c in CATEGORIES]
     texts += [respond(rng, make_prompt(rng, c), "wrong") for c in CATEGORIES for _ in range(50)]
     return texts
+
+
+def judge(prompt: str | list[dict], text: str) -> float | None:
+    """The gold judge's score of a response, or None when the prompt (its text or its messages) is not a
+    default-task prompt: the one gold check of every stage, the eval and the dashboard."""
+    user = prompt if isinstance(prompt, str) else next((m["content"] for m in reversed(prompt) if m["role"] == "user"), None)
+    return gold_score(prompt, text) if user is not None and parse_prompt(user) is not None else None

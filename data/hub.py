@@ -12,8 +12,10 @@ hub rows, which the stages' loaders normalise and validate (data/formats.py, dat
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
+from data.io import write_jsonl
 from data.formats import DataError, _looks_local, iter_file, normalize_prompt
 
 # task field -> the file name the prepare stage writes (and stage_inputs reads)
@@ -30,8 +32,6 @@ def is_hub(spec: str | None) -> bool:
 
 def fetch_model(repo: str, out_dir: Path) -> None:
     """Download a hub model's safetensors, config and tokenizer into `out_dir` (atomic: temp dir, then rename)."""
-    import shutil
-
     try:
         from huggingface_hub import snapshot_download
 
@@ -50,8 +50,6 @@ def fetch_model(repo: str, out_dir: Path) -> None:
 
 def fetch_dataset(spec: str, out_path: Path, name: str) -> int:
     """Write a hub dataset (split) as JSONL at `out_path`; returns the rows written."""
-    from alignment.runs import write_jsonl
-
     split = spec.partition(":")[2] or "train"
     rows, seen = [], set()
     for line, rec in iter_file(spec):

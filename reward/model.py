@@ -40,6 +40,12 @@ import random
 
 import torch
 from torch import nn
+from transformers import AutoModelForSequenceClassification
+from transformers.utils import logging as hf_logging
+
+from core.distributed import gathered
+from core.models import apply_lora as _apply
+from core.models import torch_dtype
 
 from data.chat_format import Encoded
 
@@ -48,11 +54,6 @@ from data.chat_format import Encoded
 def _load(path, dtype: str, attn_implementation: str, **kwargs):
     """(model, loading info). HF's load report is silenced: the callers check the missing keys themselves
     (a causal LM has no `score` and an unused `lm_head`; anything else missing is an error)."""
-    from transformers import AutoModelForSequenceClassification
-    from transformers.utils import logging as hf_logging
-
-    from alignment.loop import torch_dtype
-
     level = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
@@ -77,8 +78,6 @@ def init_reward_model(path: str | os.PathLike, pad_id: int, dtype: str = "float3
     model.config.pad_token_id = pad_id
     new_head = any(k.startswith("score.") for k in info["missing_keys"])
     if new_head:
-        from alignment.loop import gathered
-
         with gathered([model.score.weight]), torch.no_grad():  # ZeRO-3 init: the whole head, kept from process 0
             hidden = model.score.weight.shape[1]
             gen = torch.Generator().manual_seed(seed)
@@ -99,8 +98,6 @@ def load_reward_model(path: str | os.PathLike, dtype: str = "float32", attn_impl
 
 def apply_lora(model, lora_cfg):
     """LoRA adapters for a sequence-classification model (peft task SEQ_CLS: the head stays fully trained)."""
-    from alignment.loop import apply_lora as _apply
-
     return _apply(model, lora_cfg, task_type="SEQ_CLS")
 
 

@@ -1,7 +1,7 @@
 """Stage 2: the reward model, trained on ranked preferences with the Bradley-Terry loss.
 
-    python -m alignment.pipeline recipes/default.yaml --stage reward [reward.lr=1e-4 reward.one_row=false ...]
-    accelerate launch --config_file recipes/accelerate/<launcher>.yaml -m alignment.pipeline RECIPE --stage reward
+    python -m pipeline.run recipes/default.yaml --stage reward [reward.lr=1e-4 reward.one_row=false ...]
+    accelerate launch --config_file recipes/accelerate/<launcher>.yaml -m pipeline.run RECIPE --stage reward
 
 Setup -> loop -> save -> eval:
 - model: the policy architecture with a scalar head (`reward.model.init_reward_model`), from the SFT model
@@ -25,14 +25,14 @@ Setup -> loop -> save -> eval:
 from __future__ import annotations
 
 import random
+import shutil
 import statistics
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
-from alignment import loop
-from alignment.runs import write_json
+from core import checkpoints, distributed, models, optim, tracking
+from data.io import write_json
 from data.chat_format import Encoded, load_tokenizer
 from data.formats import ranked_pairs
 from data.validate import load_preferences, prompt_keys
@@ -102,7 +102,7 @@ def reward_step(model, micro_batches: list[dict], accelerator, world_size: int, 
     total, correct = 0.0, 0
     for i, mb in enumerate(micro_batches):
         sync = i == len(micro_batches) - 1
-        with loop.micro_batch(accelerator, model, last=sync):  # gradients synchronised on the last one
+        with distributed.micro_batch(accelerator, model, last=sync):  # gradients synchronised on the last one
             rewards = model(**{k: mb[k] for k in MODEL_KEYS})  # [N] float32
             r_b, r_w = rewards[mb["better"]], rewards[mb["worse"]]  # [P], [P]
             bt = bradley_terry_loss_sum(r_b, r_w, mb["margin"] if use_margin else None)
@@ -172,7 +172,7 @@ def main(recipe, out_dir: Path, inputs: dict) -> dict:
     eval_data (held-out preference records, optional)."""
     cfg = recipe.reward
     out_dir = Path(out_dir)
-    accelerator = loop.make_accelerator(out_dir, cfg.report_to, cfg, recipe.model.dtype)
+    accelerator = distributed.make_accelerator(out_dir, cfg.report_to, cfg, recipe.model.dtype)
     torch.manual_seed(recipe.seed)
 
     # -- setup ---------------------------------------------------------------------------------------
@@ -197,26 +197,26 @@ def main(recipe, out_dir: Path, inputs: dict) -> dict:
                       f"{len(examples)} rows, {n_pairs} pairs, layout {'one row' if cfg.one_row else 'separate rows'}")
     model = apply_lora(model, cfg.lora)
     scorer = RewardScorer(model)
-    loop.fp32_master_weights(scorer, accelerator)  # bf16 compute, float32 updates
+    models.fp32_master_weights(scorer, accelerator)  # bf16 compute, float32 updates
     scorer.train()
     dtype = model_dtype(scorer)
 
     world = accelerator.num_processes
-    plan = loop.plan_steps(len(examples), cfg, world, recipe.seed)
-    optimizer, scheduler = loop.make_optimizer(scorer, cfg, len(plan))
-    snapshots = loop.snapshot_steps(len(plan), cfg)  # weights averaged into the final model (average_last)
+    plan = optim.plan_steps(len(examples), cfg, world, recipe.seed)
+    optimizer, scheduler = optim.make_optimizer(scorer, cfg, len(plan))
     scorer, optimizer, scheduler = accelerator.prepare(scorer, optimizer, scheduler)
 
-    ckpt_dir, config_hash, start, log = loop.start_or_resume(accelerator, out_dir, recipe, inputs, cfg)
+    run = checkpoints.start_or_resume(accelerator, out_dir, recipe, inputs, cfg, len(plan))
 
     # -- loop ----------------------------------------------------------------------------------------
     first_loss = last_loss = last_acc = None
-    speed = loop.Throughput(accelerator)
-    bar = tqdm(range(start, len(plan)), desc="reward", disable=not accelerator.is_local_main_process, initial=start, total=len(plan))
+    speed = tracking.Throughput(accelerator)
+    bar = tracking.progress(range(run.start, len(plan)), desc="reward", disable=not accelerator.is_local_main_process,
+                            initial=run.start, total=len(plan))
     for step in bar:
         micro = []
         for m, idx in enumerate(plan[step]):
-            batch = [examples[i] for i in loop.rank_slice(idx, accelerator.process_index, world)]
+            batch = [examples[i] for i in distributed.rank_slice(idx, accelerator.process_index, world)]
             rng = random.Random(f"reward-shuffle-{recipe.seed}-{step}-{m}-{accelerator.process_index}")
             mb = collate_preferences(batch, fmt.pad_id, cfg.one_row, dtype, rng)
             micro.append({k: v.to(accelerator.device) for k, v in mb.items()})
@@ -229,25 +229,19 @@ def main(recipe, out_dir: Path, inputs: dict) -> dict:
         first_loss = loss if first_loss is None else first_loss
         last_loss, last_acc = loss, acc
         bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.2f}")
-        if step % cfg.log_every == 0 or step == len(plan) - 1:
-            log.log(step, {"train/loss": loss, "train/accuracy": acc, **loop.grad_norm_value(grad_norm),
+        run.log_step(step, {"train/loss": loss, "train/accuracy": acc, **tracking.grad_norm_value(grad_norm),
                            "train/lr": scheduler.get_last_lr()[0], "train/pairs": pairs})
-        if step + 1 in snapshots[:-1]:
-            loop.save_snapshot(hf_model_for_save(accelerator, scorer), fmt.tokenizer, out_dir, step + 1, accelerator)
-        if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < len(plan):
-            loop.save_checkpoint(accelerator, ckpt_dir, step + 1, config_hash)
-    log.close()
+        run.end_step(step, hf_model_for_save(accelerator, scorer), fmt.tokenizer)
     perf = speed.metrics()
 
     # -- save + eval ---------------------------------------------------------------------------------
-    loop.save_model(hf_model_for_save(accelerator, scorer), fmt.tokenizer, out_dir / "model", accelerator)
-    averaged = loop.average_snapshots(out_dir, snapshots, accelerator)
+    averaged = run.finish(hf_model_for_save(accelerator, scorer), fmt.tokenizer)  # out_dir/model, averaged with the snapshots when asked
     metrics = {"steps": len(plan), "examples": len(examples), "pairs": n_pairs, "first_loss": first_loss,
                "final_loss": last_loss, "final_train_accuracy": last_acc, "one_row": cfg.one_row,
                "margin": cfg.margin, "new_head": new_head, "responses_without_eot": no_eot, **perf, "data": report.to_dict(), **averaged}
     if accelerator.is_main_process and eval_records:
         eval_examples = build_examples(eval_records, fmt, cfg.margin_per_rank)
-        with loop.local_load(accelerator):
+        with distributed.local_load(accelerator):
             rm = load_reward_model(out_dir / "model", recipe.model.dtype).to(accelerator.device)  # as sampling loads it
         eval_metrics, eval_pairs = evaluate(rm, fmt, eval_examples, cfg.eval_batch_size)
         metrics.update(eval_metrics)
@@ -255,9 +249,7 @@ def main(recipe, out_dir: Path, inputs: dict) -> dict:
         write_json(out_dir / "eval_rewards.json", [{**p, "r_better": round(p["r_better"], 5), "r_worse": round(p["r_worse"], 5)}
                                                   for p in eval_pairs])
     if accelerator.is_main_process:
-        import shutil
-
-        shutil.rmtree(ckpt_dir, ignore_errors=True)
+        shutil.rmtree(run.ckpt_dir, ignore_errors=True)
     return metrics
 
 

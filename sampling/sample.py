@@ -10,6 +10,7 @@ Launch (the pipeline calls `main(recipe, out_dir, inputs)`; standalone):
 Outputs in the out folder:
 
     best_of_k.jsonl    SFT format: id, messages (prompt + best answer), prompt_ids, completion_ids, reward
+    selections.jsonl   per prompt: the chosen and rejected candidate's index (k), or why none was kept
     pairs.jsonl        TRL preference format: id, prompt, chosen, rejected (+ prompt_ids, chosen_ids,
                        rejected_ids: completion ids, ending in <|eot_id|>; chosen_reward, rejected_reward)
     rewards.json       per-prompt best/mean/worst reward over the K candidates (for the dashboard)
@@ -50,9 +51,16 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from alignment.config import SamplingConfig
-from alignment.runs import atomic_open, hash_obj, hash_path, write_json, write_jsonl
+from core.config import ConfigError, SamplingConfig, load_recipe, section
+from core.evaluate import pearson
+from core.runs import hash_obj, hash_path
+from core.tracking import progress
+from data.io import atomic_open, write_json, write_jsonl
+from data.chat_format import load_tokenizer
+from data.default_task import judge
 from data.formats import DataError
+from data.validate import load_prompts
+from reward.model import load_reward_model, score_sequences
 from sampling.select import prompt_rng, prompt_seed, select_all
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -143,8 +151,6 @@ def normalize_completion(token_ids, finish_reason: str | None, eot_id: int, stop
 
 def score_candidates(model, fmt, prompts: list[list[dict]], completions: list[list[int]], batch_size: int) -> list[float]:
     """Reward of each (prompt messages, completion ids), from ids (`encode_completion`), never re-encoded text."""
-    from reward.model import score_sequences
-
     encs = [fmt.encode_completion(p, c) for p, c in zip(prompts, completions)]
     return score_sequences(model, fmt, encs, batch_size)
 
@@ -152,7 +158,7 @@ def score_candidates(model, fmt, prompts: list[list[dict]], completions: list[li
 # -- the worker: one vLLM engine, generate + score shards ------------------------------------------------
 def engine_kwargs(spec: dict) -> dict:
     """Arguments of `vllm.LLM` for a worker spec (one code path for CPU and GPU, CPU-only tweaks marked)."""
-    cfg = SamplingConfig(**spec["cfg"])
+    cfg = section(SamplingConfig, spec["cfg"], "sampling")
     kw = dict(model=spec["policy"], tokenizer=spec["policy"], seed=cfg.seed, enable_prefix_caching=True,
               tensor_parallel_size=cfg.tensor_parallel, gpu_memory_utilization=cfg.gpu_memory_utilization,
               dtype=spec["dtype"], max_model_len=spec["max_model_len"])
@@ -199,17 +205,13 @@ def generate_shard(llm, entries: list[dict], cfg: SamplingConfig, fmt) -> tuple[
 
 def run_worker(spec_path: str) -> int:
     """Generate and score the shards listed in the spec, each written atomically when done."""
-    from data.chat_format import load_tokenizer
-
     spec = json.loads(Path(spec_path).read_text())
     _exit_with_parent(spec.get("parent_pid"))
-    cfg = SamplingConfig(**spec["cfg"])
+    cfg = section(SamplingConfig, spec["cfg"], "sampling")
     fmt = load_tokenizer(spec["policy"])
     t0 = time.perf_counter()
     llm = make_engine(spec)
     t1 = time.perf_counter()
-    from reward.model import load_reward_model
-
     rm = load_reward_model(spec["reward"], dtype=spec["reward_dtype"])
     if not spec["cpu"]:
         rm.to("cuda")
@@ -271,8 +273,6 @@ def run_workers(todo: list[tuple[int, list[dict]]], spec: dict, cand_dir: Path, 
                 on_done=None) -> None:
     """Spread shards over one worker per engine; show progress over shards (`on_done(shard indices)` as
     they land); raise if a worker fails."""
-    from tqdm import tqdm
-
     procs = []
     for rank, devs in enumerate(groups):
         mine = todo[rank :: len(groups)]
@@ -291,7 +291,7 @@ def run_workers(todo: list[tuple[int, list[dict]]], spec: dict, cand_dir: Path, 
         procs.append(subprocess.Popen([sys.executable, "-m", "sampling.sample", "--worker", str(path)], env=env,
                                       preexec_fn=_pdeathsig if os.name == "posix" else None))
     paths = [cand_dir / SHARD_FMT.format(i) for i, _ in todo]
-    with tqdm(total=len(todo), desc="sampling shards", unit="shard") as bar:
+    with progress(total=len(todo), desc="sampling shards", unit="shard") as bar:
         try:
             while True:
                 done = [i for (i, _), p in zip(todo, paths) if p.exists()]
@@ -323,14 +323,7 @@ def _max_positions(model_dir) -> int:
 
 def main(recipe, out_dir, inputs: dict) -> dict:
     """Run rejection sampling; returns the metrics. inputs: policy (dir), reward (dir), prompts (JSONL)."""
-    from data.chat_format import load_tokenizer
-    from data.validate import load_prompts
-
     cfg: SamplingConfig = recipe.sampling
-    if cfg.rejected not in ("worst", "random"):
-        raise ValueError(f"sampling.rejected must be 'worst' or 'random', got {cfg.rejected!r}")
-    if cfg.k < 2:
-        raise ValueError(f"sampling.k must be >= 2 to make pairs, got {cfg.k}")
     out = Path(out_dir)
     cand_dir = out / "candidates"
     cand_dir.mkdir(parents=True, exist_ok=True)
@@ -347,7 +340,7 @@ def main(recipe, out_dir, inputs: dict) -> dict:
     if not plan:
         raise ValueError(f"{prompts_path}: no prompts to sample")
     shards = shards_of(plan, cfg.shard_size)
-    dtype = getattr(recipe.model, "dtype", "float32")
+    dtype = recipe.model.dtype
     groups = gpu_groups(cfg.data_parallel, cfg.tensor_parallel)
     cpu = groups[0] is None
     key = hash_obj({"cfg": {f: getattr(cfg, f) for f in KEY_FIELDS}, "dtype": dtype, "policy": hash_path(policy),
@@ -433,6 +426,9 @@ def write_outputs(out: Path, records: list[dict], cfg: SamplingConfig) -> None:
                       "chosen_reward": ch["reward"], "rejected_reward": rj["reward"]})
     write_jsonl(out / "best_of_k.jsonl", best)
     write_jsonl(out / "pairs.jsonl", pairs)
+    # which candidate each prompt chose and rejected: the dashboard shows these, never re-deciding them
+    write_jsonl(out / "selections.jsonl", [{"id": r["id"], "chosen": s.chosen, "rejected": s.rejected, "dropped": s.dropped}
+                                           for r, s in zip(records, sels)])
 
 
 def _mean(xs) -> float | None:
@@ -442,9 +438,6 @@ def _mean(xs) -> float | None:
 
 def summarize(records: list[dict], cfg: SamplingConfig, engines: int = 1) -> tuple[dict, dict]:
     """(metrics, reward distribution) over all shards' records."""
-    from data.default_task import gold_score, parse_prompt
-    from evals.report import pearson
-
     sels, counts = _selections(records, cfg)
     cands = [c for r in records for c in r["candidates"]]
     tokens = sum(c["num_tokens"] for c in cands)
@@ -482,10 +475,9 @@ def summarize(records: list[dict], cfg: SamplingConfig, engines: int = 1) -> tup
     # gold judge (default task): over prompts with a usable candidate; the three picks share one pool
     best, rand, oracle, every = [], [], [], []
     for r, s in zip(records, sels):
-        user = next((x["content"] for x in reversed(r["prompt"]) if x["role"] == "user"), None)
-        if user is None or parse_prompt(user) is None:
+        gold = [judge(r["prompt"], c["text"]) for c in r["candidates"]]
+        if None in gold:  # not a default-task prompt: no gold judge
             continue
-        gold = [gold_score(r["prompt"], c["text"]) for c in r["candidates"]]
         every += gold
         if s.chosen is None:
             continue
@@ -511,8 +503,6 @@ def cli(argv: list[str] | None = None) -> int:
     args = ap.parse_intermixed_args(argv)
     if args.worker:
         return run_worker(args.worker)
-    from alignment.config import ConfigError, load_recipe
-
     missing = [n for n in ("recipe", "policy", "reward", "prompts", "out") if not getattr(args, n)]
     if missing:
         ap.error(f"missing: {', '.join(missing)}")

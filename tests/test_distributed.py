@@ -1,7 +1,7 @@
 """Multi-process training on CPU: 2 processes (torchrun + accelerate, gloo) give the losses of 1 process
 with twice the micro-batch, and write every file once (the main process), atomically.
 
-The 2-process runs go through `tests/dist_driver.py`, which runs `alignment.pipeline` and logs every file
+The 2-process runs go through `tests/dist_driver.py`, which runs `pipeline.run` and logs every file
 each process writes. The DeepSpeed test runs ZeRO-3 with the settings of recipes/accelerate/zero3.yaml on
 DeepSpeed's CPU accelerator (accelerate itself only runs DeepSpeed on CUDA: the driver tells its state to
 use gloo), so the sharded save, the ZeRO-3 model init and DPO's reference engine are exercised in CI.
@@ -22,9 +22,9 @@ import pytest
 import torch
 import yaml
 
-from alignment.config import ModelConfig
-from alignment.pipeline import main as pipeline_main
-from alignment.runs import write_jsonl
+from core.config import ModelConfig
+from pipeline.run import main as pipeline_main
+from data.io import write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ModelConfig(hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=128,
@@ -212,12 +212,12 @@ def test_dpo_lora_zero3_two_processes_equal_one(setup):
 
 @pytest.mark.parametrize("task", ["CAUSAL_LM", "SEQ_CLS"])
 def test_lora_merge_from_state_dict_matches_peft(task, tiny_fmt):
-    """loop.merge_lora_state (what a ZeRO-3 / FSDP save uses on the gathered state dict) equals peft's
+    """core.models.merge_lora_state (what a ZeRO-3 / FSDP save uses on the gathered state dict) equals peft's
     merge_and_unload, for a policy and for a reward model (whose head is a modules_to_save copy)."""
     from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
-    from alignment.config import LoraConfig
-    from alignment.loop import apply_lora, merge_lora_state
+    from core.config import LoraConfig
+    from core.models import apply_lora, merge_lora_state
 
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=len(tiny_fmt.tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,

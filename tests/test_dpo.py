@@ -15,8 +15,9 @@ import pytest
 import torch
 
 from alignment import dpo
-from alignment.config import DPOConfig, LoraConfig, ModelConfig, load_recipe
-from alignment.losses import dpo_loss, dpo_nll_loss, masked_nll_sum, sequence_logps
+from core.config import DPOConfig, LoraConfig, ModelConfig, load_recipe
+from core.losses import dpo_loss, dpo_nll_loss
+from tests.conftest import full_logps
 from data import default_task
 from data.tiny import make_model, train_tokenizer
 
@@ -64,10 +65,9 @@ def test_init_is_ln2_plus_nll(tiny):
     _, batch = pairs_of(fmt, sets["preference"], n=4)
     B = batch["input_ids"].shape[0] // 2
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    logps, _ = sequence_logps(logits, batch["input_ids"], batch["loss_mask"])
-    pc, pr = logps.chunk(2)
+    pc, pr = full_logps(logits, batch["input_ids"], batch["loss_mask"]).chunk(2)
     rc, rr = dpo.reference_logps(batch, ref_model=model)
-    nll_sum, n_tok = masked_nll_sum(logits[:B], batch["input_ids"][:B], batch["loss_mask"][:B])
+    nll_sum, n_tok = -pc.sum(), batch["loss_mask"][:B, 1:].sum()
     loss, losses, cr, rj = dpo_nll_loss(pc, pr, rc, rr, 0.1, 0.2, n_chosen_tokens=n_tok)
     assert torch.allclose(losses, torch.full_like(losses, LN2), atol=1e-6, rtol=0)
     assert torch.allclose(cr, torch.zeros_like(cr), atol=1e-7) and torch.allclose(rj, torch.zeros_like(rj), atol=1e-7)
@@ -219,7 +219,7 @@ def test_lora_reference_is_base_with_adapters_disabled(tiny):
     _, batch = pairs_of(fmt, sets["preference"], n=2)
     with torch.no_grad():
         base = dpo.pair_logps(model, batch)
-    peft = dpo.loop.apply_lora(copy.deepcopy(model), LoraConfig(r=4, alpha=8, dropout=0.0))
+    peft = dpo.models.apply_lora(copy.deepcopy(model), LoraConfig(r=4, alpha=8, dropout=0.0))
     with torch.no_grad():
         for n, p in peft.named_parameters():
             if "lora_B" in n:
@@ -258,8 +258,8 @@ def test_main_smoke_on_the_fly_reference(tiny, tmp_path, monkeypatch):
     assert len(log) == 3 and abs(log[0]["train/dpo"] - LN2) < 1e-5 and log[0]["train/rewards/margins"] == 0
     assert abs(log[0]["train/loss"] - LN2 - 0.2 * log[0]["train/nll"]) < 1e-5
 
-    init = dpo.loop.load_causal_lm(model_dir).state_dict()
-    trained = dpo.loop.load_causal_lm(out / "model").state_dict()
+    init = dpo.models.load_causal_lm(model_dir).state_dict()
+    trained = dpo.models.load_causal_lm(out / "model").state_dict()
     unchanged = [n for n in init if torch.equal(init[n], trained[n])]
     assert not unchanged, unchanged
     (ref,) = refs
@@ -274,7 +274,7 @@ def test_main_bf16_recipe(tiny, tmp_path, precompute):
     bf16 matmuls at step 0: ln 2 to 1e-5), and is saved in bf16."""
     fmt, model_dir, _, _, sets = tiny
     bf16 = tmp_path / "bf16"
-    dpo.loop.load_causal_lm(model_dir, "bfloat16").save_pretrained(bf16, safe_serialization=True)
+    dpo.models.load_causal_lm(model_dir, "bfloat16").save_pretrained(bf16, safe_serialization=True)
     fmt.tokenizer.save_pretrained(bf16)
     recipe = load_recipe(None, ["model.dtype=bfloat16", "dpo.lr=1e-4", "dpo.max_steps=2", "dpo.batch_size=6",
                                 "dpo.log_every=1", "dpo.report_to=none", "dpo.max_length=128",
@@ -302,8 +302,8 @@ def test_main_lora_precomputed_reference(tiny, tmp_path):
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert abs(log[0]["train/dpo"] - LN2) < 1e-5 and metrics["steps"] == 2
     assert abs(log[0]["train/loss"] - LN2 - 0.2 * log[0]["train/nll"]) < 1e-5
-    init = dpo.loop.load_causal_lm(model_dir).state_dict()
-    trained = dpo.loop.load_causal_lm(out / "model").state_dict()
+    init = dpo.models.load_causal_lm(model_dir).state_dict()
+    trained = dpo.models.load_causal_lm(out / "model").state_dict()
     assert not torch.equal(init["model.layers.0.self_attn.q_proj.weight"], trained["model.layers.0.self_attn.q_proj.weight"])
     assert torch.equal(init["model.embed_tokens.weight"], trained["model.embed_tokens.weight"])  # not a LoRA target
 
@@ -317,21 +317,21 @@ def test_main_resumes_after_a_kill(tiny, tmp_path, monkeypatch):
                  "dpo.save_every=1"]
     dpo.main(load_recipe(None, overrides), tmp_path / "full", {"model": model_dir, "data": data})
 
-    real_save = dpo.loop.save_checkpoint
+    real_save = dpo.checkpoints.save_checkpoint
 
     def save_then_die(*a, **k):
         real_save(*a, **k)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(dpo.loop, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(dpo.checkpoints, "save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         dpo.main(load_recipe(None, overrides), tmp_path / "killed", {"model": model_dir, "data": data})
     assert (tmp_path / "killed" / "checkpoints" / "ref_logps.pt").exists()
-    monkeypatch.setattr(dpo.loop, "save_checkpoint", real_save)
+    monkeypatch.setattr(dpo.checkpoints, "save_checkpoint", real_save)
     monkeypatch.setattr(dpo, "precompute_reference", lambda *a, **k: pytest.fail("reference recomputed"))
     dpo.main(load_recipe(None, overrides), tmp_path / "killed", {"model": model_dir, "data": data})
     log = [json.loads(line)["step"] for line in (tmp_path / "killed" / "train_log.jsonl").read_text().splitlines()]
     assert log == [0, 2]  # log_every 10: step 0 by the killed run, the last step by the resumed one
-    a = dpo.loop.load_causal_lm(tmp_path / "full" / "model").state_dict()
-    b = dpo.loop.load_causal_lm(tmp_path / "killed" / "model").state_dict()
+    a = dpo.models.load_causal_lm(tmp_path / "full" / "model").state_dict()
+    b = dpo.models.load_causal_lm(tmp_path / "killed" / "model").state_dict()
     assert all(torch.allclose(a[n], b[n], atol=1e-6) for n in a)

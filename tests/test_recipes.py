@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from alignment.config import ConfigError, load_recipe
+from core.config import ConfigError, load_recipe
 from data import hub
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -132,17 +132,17 @@ def test_bad_launcher_is_one_clear_error(tmp_path):
 def _make_n(*args) -> list[str]:
     res = subprocess.run(["make", "-n", *args], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
-    return [line for line in res.stdout.splitlines() if "alignment.pipeline" in line]
+    return [line for line in res.stdout.splitlines() if "pipeline.run" in line]
 
 
 def test_makefile_launches_training_stages_with_the_recipe_launcher():
     (cmd,) = _make_n("sft", "RECIPE=recipes/llama-3.1-8b-instruct-full.yaml", "sft.lr=2e-5")
-    assert re.search(r"accelerate launch --config_file recipes/accelerate/zero3.yaml --num_processes 8 .*-m alignment.pipeline "
+    assert re.search(r"accelerate launch --config_file recipes/accelerate/zero3.yaml --num_processes 8 .*-m pipeline.run "
                      r"recipes/llama-3.1-8b-instruct-full.yaml --stage sft +sft.lr=2e-5$", cmd), cmd
     (cmd,) = _make_n("dpo", "RECIPE=recipes/gpu-smoke.yaml", "GPUS=2", "LAUNCHER=zero3")  # the command line wins
     assert "--config_file recipes/accelerate/zero3.yaml --num_processes 2 " in cmd
     (cmd,) = _make_n("sample", "RECIPE=recipes/llama-3.1-8b-instruct-full.yaml")  # vLLM spreads itself: one process
-    assert "accelerate" not in cmd and cmd.split()[1:3] == ["-m", "alignment.pipeline"]
+    assert "accelerate" not in cmd and cmd.split()[1:3] == ["-m", "pipeline.run"]
     (cmd,) = _make_n("sft")  # the default recipe: plain python, as before
     assert "accelerate" not in cmd
     cmds = [c for c in _make_n("pipeline", "RECIPE=recipes/llama-3.2-1b-instruct-full.yaml") if "--stage " in c]

@@ -5,8 +5,7 @@ import math
 import pytest
 import torch
 
-from evals.report import completion_logps, pearson, win_rate
-from tests.test_sft import tiny_lm
+from evals.report import response_logps, pearson, win_rate
 
 
 def test_pearson_by_hand():
@@ -26,14 +25,14 @@ def test_win_rate_ties_count_half():
     assert win_rate({"a": None}, {"a": 1.0}) is None
 
 
-def test_completion_logps_at_exact_positions(tiny_fmt):
+def test_response_logps_at_exact_positions(tiny_fmt, tiny_lm):
     """Summed log p of the completion tokens only (prompt excluded), padding-independent, float32."""
     model = tiny_lm(tiny_fmt).eval()
     prompt = [{"role": "user", "content": "what sound does a cat make?"}]
     short = {"prompt": prompt, "completion_ids": tiny_fmt.text_ids("meow") + [tiny_fmt.eot_id]}
     long = {"prompt": prompt, "completion_ids": tiny_fmt.text_ids("a cat says meow of course") + [tiny_fmt.eot_id]}
-    got = completion_logps(model, tiny_fmt, [short, long])
-    alone = completion_logps(model, tiny_fmt, [short])
+    got = response_logps(model, tiny_fmt, [short, long])
+    alone = response_logps(model, tiny_fmt, [short])
     assert got[0] == pytest.approx(alone[0], abs=1e-4)  # right padding of the batch changes nothing
 
     enc = tiny_fmt.encode_completion(prompt, short["completion_ids"])
@@ -45,16 +44,30 @@ def test_completion_logps_at_exact_positions(tiny_fmt):
     assert len(enc) - enc.prompt_len == len(short["completion_ids"])
 
 
-def test_kl_estimate_is_zero_to_itself_and_positive_to_another(tiny_fmt):
-    from evals.gold import generate
+def test_kl_estimate_matches_the_exact_kl(tiny_fmt, tiny_lm):
+    """On one-token answers sampled from p, mean(log p - log q) estimates the exact KL(p || q) of the
+    first-token distributions; against a separate copy of p it is exactly 0."""
+    import copy
+
+    from core.evaluate import generate
 
     prompts = [[{"role": "user", "content": f"what color is a {w}?"}] for w in ("banana", "frog", "sky")]
-    p, q = tiny_lm(tiny_fmt, seed=0), tiny_lm(tiny_fmt, seed=1)
+    p = tiny_lm(tiny_fmt, seed=0)
+    q = copy.deepcopy(p)
     with torch.no_grad():
-        q.lm_head.weight.mul_(20.0)  # a peaked q: p's samples are unlikely under it
-    comps = generate(p, tiny_fmt, prompts, max_new_tokens=6, temperature=1.0, batch_size=8, seed=0, n=4)
+        p.lm_head.weight.mul_(40.0)  # peaked answers: a KL well above the estimate's noise
+        q.lm_head.weight.mul_(10.0)
+    comps = generate(p, tiny_fmt, prompts, max_new_tokens=1, temperature=1.0, batch_size=8, seed=0, n=400)
     resp = [{"prompt": pr, "completion_ids": c} for pr, cs in zip(prompts, comps) for c in cs]
-    lp = completion_logps(p, tiny_fmt, resp)
-    assert sum(a - b for a, b in zip(lp, completion_logps(p, tiny_fmt, resp))) == 0.0
-    kl = sum(a - b for a, b in zip(lp, completion_logps(q, tiny_fmt, resp))) / len(resp)
-    assert math.isfinite(kl) and kl > 0  # on samples of p, log p - log q averages to KL(p||q) > 0
+    lp = response_logps(p, tiny_fmt, resp)
+    assert response_logps(copy.deepcopy(p), tiny_fmt, resp) == lp  # another copy of p: KL exactly 0
+    est = sum(a - b for a, b in zip(lp, response_logps(q, tiny_fmt, resp))) / len(resp)
+    exact = 0.0
+    with torch.no_grad():
+        for pr in prompts:
+            ids = torch.tensor([tiny_fmt.encode_prompt(pr)])
+            lp_p = p(input_ids=ids).logits[0, -1].float().log_softmax(-1)
+            lp_q = q(input_ids=ids).logits[0, -1].float().log_softmax(-1)
+            exact += float((lp_p.exp() * (lp_p - lp_q)).sum()) / len(prompts)
+    assert exact > 0.05
+    assert est == pytest.approx(exact, rel=0.25)

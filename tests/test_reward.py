@@ -9,8 +9,8 @@ import random
 import pytest
 import torch
 
-from alignment import loop
-from alignment.config import LoraConfig, ModelConfig, load_recipe
+from core import distributed, models
+from core.config import LoraConfig, ModelConfig, load_recipe
 from reward.loss import bradley_terry_loss, bradley_terry_loss_sum, pair_margin
 from reward.model import (RewardScorer, apply_lora, collate_one_row, collate_separate, init_reward_model,
                           load_reward_model, score_sequences)
@@ -97,7 +97,7 @@ def test_margin_off_by_default_and_on_by_config(tiny, rm):
     scorer = RewardScorer(rm)
     with torch.no_grad():
         r = scorer(**{k: batch[k] for k in ("input_ids", "attention_mask", "position_ids", "index")}).tolist()
-    acc = loop.make_accelerator(tiny["dir"], "none")
+    acc = distributed.make_accelerator(tiny["dir"], "none")
     by_hand = {}
     for use_margin in (False, True):
         terms = [math.log1p(math.exp(-(r[b] - r[w] - (m if use_margin else 0.0))))
@@ -177,7 +177,7 @@ def test_grad_accum_equals_one_big_batch(tiny, one_row):
     ex = ex + build_examples([{"prompt": U("Repeat the word stone 2 times."), "chosen": A("stone stone"), "rejected": A("stone")}], fmt)
     model, _ = init_reward_model(tiny["base"], fmt.pad_id, seed=0)
     scorer = RewardScorer(model).train()
-    acc = loop.make_accelerator(tiny["dir"], "none")
+    acc = distributed.make_accelerator(tiny["dir"], "none")
     grads, losses = [], []
     for micro in ([ex], [[e] for e in ex]):
         batches = [collate_preferences(m, fmt.pad_id, one_row, rng=random.Random(0)) for m in micro]
@@ -206,7 +206,7 @@ def test_lora_trains_head_and_saves_a_loadable_reward_model(tiny, tmp_path):
                 p.normal_(0, 0.05)  # B starts at 0: make the adapters count
     encs = [e for x in ex for e in x["encs"]]
     before = score_sequences(scorer, fmt, encs, 4)
-    loop.save_model(model, fmt.tokenizer, tmp_path / "rm")
+    models.save_model(model, fmt.tokenizer, tmp_path / "rm")
     loaded = load_reward_model(tmp_path / "rm")
     assert loaded.config.pad_token_id == fmt.pad_id
     assert score_sequences(loaded, fmt, encs, 4) == pytest.approx(before, abs=1e-5)
@@ -234,11 +234,12 @@ def test_stage_smoke_run(tiny, tmp_path):
 
     assert m["data"]["n_rejected"] == 3 and m["data"]["n_kept"] == 8
     assert m["steps"] == 8 and m["final_loss"] < m["first_loss"]
-    assert 0.0 <= m["rm_accuracy"] <= 1.0 and m["eval_pairs"] > 0
+    scored = json.loads((out / "eval_rewards.json").read_text())
+    assert m["eval_pairs"] == len(scored) > 0  # the accuracy is the share of held-out pairs ranked right
+    assert m["rm_accuracy"] == round(sum(p["r_better"] > p["r_worse"] for p in scored) / len(scored), 4)
     assert set(m["rm_accuracy_by_category"]) <= set(default_task.CATEGORIES)
     assert sum(b["n"] for b in m["calibration"]) == m["eval_pairs"]
     assert {"margin_mean", "margin_median"} <= set(m)
-    assert len(json.loads((out / "eval_rewards.json").read_text())) == m["eval_pairs"]
     log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
     assert len(log) == 8 and "train/accuracy" in log[0]
 
@@ -259,7 +260,7 @@ def test_stage_bf16_recipe(tiny, tmp_path, one_row):
     takes with bf16 queries) and saves the reward model in bf16."""
     from safetensors.torch import load_file
 
-    from alignment.loop import load_causal_lm
+    from core.models import load_causal_lm
     from reward import train
 
     base = tmp_path / "bf16"

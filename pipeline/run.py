@@ -1,9 +1,9 @@
 """The pipeline: one recipe, stages chained through files, in rounds.
 
-    python -m alignment.pipeline recipes/default.yaml                 # every stage of every round (make pipeline)
-    python -m alignment.pipeline recipes/default.yaml rounds=2        # key=value overrides
-    python -m alignment.pipeline recipes/default.yaml --stage sft     # one stage (make sft)
-    python -m alignment.pipeline recipes/default.yaml --stage dpo --round 2
+    python -m pipeline.run recipes/default.yaml                 # every stage of every round (make pipeline)
+    python -m pipeline.run recipes/default.yaml rounds=2        # key=value overrides
+    python -m pipeline.run recipes/default.yaml --stage sft     # one stage (make sft)
+    python -m pipeline.run recipes/default.yaml --stage dpo --round 2
 
 Stages and the files between them (runs/<name>/<stage>/ for round 1, runs/<name>/round<r>/<stage>/ after):
 
@@ -23,73 +23,26 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib
-import importlib.util
 import os
-import shutil
 import sys
 from pathlib import Path
 
-from alignment.config import ConfigError, load_recipe
-from alignment.runs import StageRun, TemplateMismatch, read_json, stage_dir, write_jsonl
+from alignment import dpo, sft
+from core.config import ConfigError, load_recipe
+from core.tracking import quiet_library_bars
+from core.runs import StageRun, TemplateMismatch, stage_dir
 from data import hub
-from data.chat_format import ChatFormatError
+from data.chat_format import ChatFormatError, load_tokenizer
 from data.formats import DataError
+from data.io import read_json
+from evals import dashboard, report
+from pipeline import prepare
+from reward import train as reward
+from sampling import sample
 
-STAGES = ("prepare", "sft", "reward", "sample", "dpo", "eval")
-MODULES = {"sft": "alignment.sft", "reward": "reward.train", "sample": "sampling.sample", "dpo": "alignment.dpo",
-           "eval": "evals.report"}
-
-
-def available(stage: str) -> bool:
-    mod = MODULES.get(stage)
-    return mod is None or importlib.util.find_spec(mod) is not None
-
-
-# -- prepare: data, tokenizer and base model -------------------------------------------------------------
-def prepare(recipe, out: Path) -> dict:
-    """Write the task's data files and the starting model (with its tokenizer) into `out`."""
-    task, mcfg = recipe.task, recipe.model
-    data_dir = out / "data"
-    files = {}
-    if task.kind == "default":
-        from data import default_task
-
-        sets = default_task.generate(task.seed, task.n_sft, task.n_preference, task.n_eval_preference,
-                                     task.n_eval_prompts, task.n_sampling_prompts)
-        for name, recs in sets.items():
-            files[name] = data_dir / f"{name}.jsonl"
-            write_jsonl(files[name], recs)
-    elif task.kind != "files":
-        raise ConfigError(f"{recipe.source}: task.kind must be 'default' or 'files', got {task.kind!r}")
-    else:  # hub-named datasets, downloaded once into data/ (data/hub.py)
-        files.update(hub.fetch_task(task, data_dir))
-    metrics = {"data": {k: sum(1 for _ in open(v)) for k, v in files.items()}}
-    model_dir = out / "model"
-    if hub.is_hub(mcfg.name_or_path):  # a hub model: its safetensors, config and tokenizer, once
-        hub.fetch_model(mcfg.name_or_path, model_dir)
-    if mcfg.name_or_path == "tiny":
-        from data import default_task
-        from data.tiny import make_model, train_tokenizer
-
-        corpus = default_task.corpus(sets) if task.kind == "default" else []
-        tmp = out / "model.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        fmt = train_tokenizer(corpus, tmp, mcfg.vocab_size, source=mcfg.tokenizer)  # or a copy of model.tokenizer
-        pretrain_texts = default_task.pretraining_text if task.kind == "default" else None
-        model = make_model(fmt, tmp, mcfg, seed=recipe.seed, texts=pretrain_texts)
-        if getattr(model, "pretrain_losses", None):
-            metrics["pretrain_loss_first"] = round(model.pretrain_losses[0], 4)
-            metrics["pretrain_loss_final"] = round(sum(model.pretrain_losses[-10:]) / 10, 4)
-        shutil.rmtree(model_dir, ignore_errors=True)
-        tmp.rename(model_dir)
-        metrics["parameters"] = sum(p.numel() for p in model.parameters())
-        if task.kind == "default":
-            from evals.gold import evaluate_policy
-
-            metrics.update(evaluate_policy(model, fmt, sets["eval_prompts"], recipe.eval, seed=recipe.seed))
-            write_jsonl(out / "eval_responses.jsonl", metrics.pop("responses"))
-    return metrics
+# stage -> its entry point, main(recipe, out_dir, inputs) -> metrics
+STAGES = {"prepare": prepare.main, "sft": sft.main, "reward": reward.main, "sample": sample.main, "dpo": dpo.main,
+          "eval": report.main}
 
 
 def schedule(recipe) -> list[tuple[int, str]]:
@@ -157,8 +110,6 @@ def template_hash(model_dir: Path) -> str | None:
     """The tokenizer + chat template hash of a model folder (None if it has no tokenizer yet)."""
     if not (Path(model_dir) / "tokenizer.json").exists():
         return None
-    from data.chat_format import load_tokenizer
-
     return load_tokenizer(model_dir).template_hash()
 
 
@@ -182,12 +133,8 @@ def run_stage(recipe, stage: str, round_idx: int = 1, force: bool = False, *, _m
         print(f"[{label}] up to date: {out}")
         return None
     print(f"[{label}] running -> {out}", flush=True)
-    if stage == "prepare":
-        metrics = prepare(recipe, out)
-        extra = {"template_hash": template_hash(out / "model")}
-    else:
-        metrics = importlib.import_module(MODULES[stage]).main(round_recipe(recipe, round_idx), out, inputs)
-        extra = {}
+    metrics = STAGES[stage](round_recipe(recipe, round_idx), out, inputs)
+    extra = {"template_hash": template_hash(out / "model")} if stage == "prepare" else {}
     if int(os.environ.get("RANK", "0")) != 0:  # under a launcher the main process alone writes metrics + manifest
         return metrics
     metrics = run.finish(metrics, extra)
@@ -212,10 +159,6 @@ def print_report(recipe) -> None:
 
 
 def build_dashboard(recipe) -> None:
-    if importlib.util.find_spec("evals.dashboard") is None:
-        return
-    from evals import dashboard
-
     dashboard.build(stage_dir(recipe, "report").parent)
     dashboard.build_index(Path(recipe.output_dir))
 
@@ -230,10 +173,9 @@ def main(argv: list[str] | None = None) -> int:
                     "launcher path runs it stage by stage)")
     ap.add_argument("overrides", nargs="*", help="key=value")
     args = ap.parse_intermixed_args(argv)
+    quiet_library_bars()
     try:
         recipe = load_recipe(args.recipe, args.overrides)
-        if recipe.rounds < 1:
-            raise ConfigError(f"{recipe.source}: 'rounds' must be >= 1, got {recipe.rounds}")
         if args.schedule:
             print("\n".join(f"{r} {s}" for r, s in schedule(recipe)))
             return 0
@@ -245,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
                                   "round 1: prepare sft reward sample dpo, later rounds: reward sample sft dpo)")
             todo = [(round_idx, stage)]
         else:
-            todo = [(r, s) for r, s in schedule(recipe) if available(s)]
+            todo = schedule(recipe)
         for round_idx, stage in todo:
             run_stage(recipe, stage, round_idx, force=args.force and bool(args.stage))
             if stage == "eval" and int(os.environ.get("RANK", "0")) == 0:  # the other ranks waited for it

@@ -1,4 +1,4 @@
-"""Evaluate a policy on held-out prompts with the default task's gold judge.
+"""Evaluate a policy on held-out prompts with the default task's gold judge (data.default_task.judge).
 
     gold_score: mean judge score in [0, 1] over `samples_per_prompt` sampled responses per prompt
     pass_rate:  share of responses scored 1.0
@@ -15,11 +15,18 @@ alignment changes; greedy decoding would only show its mode.
 
 from __future__ import annotations
 
-import torch
-from tqdm import tqdm
+import math
+from pathlib import Path
 
+import torch
+
+from core.distributed import local_load
+from core.models import load_causal_lm
+from core.tracking import progress
 from data.chat_format import ChatFormat, pad_batch
-from data.default_task import gold_score, parse_prompt
+from data.default_task import judge
+from data.io import write_jsonl
+from data.validate import load_prompts
 
 
 @torch.no_grad()
@@ -30,7 +37,7 @@ def generate(model, fmt: ChatFormat, prompts: list[list[dict]], max_new_tokens: 
     device = next(model.parameters()).device
     out: list[list[list[int]]] = []
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    for i in tqdm(range(0, len(prompts), batch_size), desc="eval: generate", unit="batch", leave=False):
+    for i in progress(range(0, len(prompts), batch_size), desc="eval: generate", unit="batch", leave=False):
         chunk = [fmt.encode_prompt(p) for p in prompts[i : i + batch_size]]
         ids = torch.tensor(pad_batch(chunk, fmt.pad_id, side="left"), device=device)
         attn = torch.tensor(pad_batch([[1] * len(c) for c in chunk], 0, side="left"), device=device)
@@ -48,12 +55,6 @@ def generate(model, fmt: ChatFormat, prompts: list[list[dict]], max_new_tokens: 
                 comps.append(seq[: cut + 1] if cut is not None else [t for t in seq if t != fmt.pad_id])
             out.append(comps)
     return out
-
-
-def judge(prompt: list[dict], text: str) -> float | None:
-    """The gold judge's score of a response, or None when the prompt is not a default-task prompt."""
-    user = next((m["content"] for m in reversed(prompt) if m["role"] == "user"), None)
-    return gold_score(prompt, text) if user is not None and parse_prompt(user) is not None else None
 
 
 def evaluate_policy(model, fmt: ChatFormat, records: list[dict], cfg, seed: int = 0) -> dict:
@@ -89,3 +90,31 @@ def evaluate_policy(model, fmt: ChatFormat, records: list[dict], cfg, seed: int 
         "samples": samples,
         "responses": responses,
     }
+
+
+def evaluate_saved_policy(accelerator, out_dir: Path, recipe, fmt, eval_prompts) -> dict:
+    """A training stage's policy, as saved in out_dir/model: its gold-judge figures on the eval prompts, and
+    its answers in out_dir/eval_responses.jsonl (the eval stage scores them). Main process only; {} when
+    there are no eval prompts. Every process may call it."""
+    if not (accelerator.is_main_process and eval_prompts):
+        return {}
+    prompts, _ = load_prompts(eval_prompts)
+    with local_load(accelerator):  # this process alone: no ZeRO-3 sharding, no synced generation
+        policy = load_causal_lm(out_dir / "model", recipe.model.dtype).to(accelerator.device)
+        metrics = evaluate_policy(policy, fmt, prompts, recipe.eval, seed=recipe.seed)
+    write_jsonl(out_dir / "eval_responses.jsonl", metrics.pop("responses"))
+    return metrics
+
+
+def pearson(xs: list[float], ys: list[float]) -> float | None:
+    """Pearson correlation; None when there are fewer than 3 points or a constant side."""
+    n = len(xs)
+    if n < 3 or n != len(ys):
+        return None
+    mx, my = sum(xs) / n, sum(ys) / n
+    sxy = sum((x - mx) * (y - my) for x, y in zip(xs, ys))
+    sxx = sum((x - mx) ** 2 for x in xs)
+    syy = sum((y - my) ** 2 for y in ys)
+    if sxx == 0 or syy == 0:
+        return None
+    return round(sxy / math.sqrt(sxx * syy), 4)

@@ -1,6 +1,6 @@
 """Losses as pure tensor functions. Each one's math is in its docstring and hand-checked in tests/.
 
-Shapes: B = batch, T = sequence length, V = vocabulary.
+Shapes: B = batch, T = sequence length, V = vocabulary. Log-probabilities come from core.logps.
 """
 
 from __future__ import annotations
@@ -9,47 +9,7 @@ import torch
 import torch.nn.functional as F
 
 
-def token_logps(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-    """Log-probability of each next token, in float32.
-
-    logps[b, t] = log softmax(logits[b, t])[input_ids[b, t + 1]]
-
-    logits: [B, T, V], input_ids: [B, T] -> logps: [B, T - 1] (position t scores token t + 1).
-    """
-    logits = logits[:, :-1].float()  # [B, T-1, V]
-    targets = input_ids[:, 1:].unsqueeze(-1)  # [B, T-1, 1]
-    return torch.gather(logits.log_softmax(-1), 2, targets).squeeze(-1)
-
-
-def masked_nll_sum(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed negative log-likelihood over trained tokens, and how many there are.
-
-    nll = - sum_{b,t} m[b, t+1] * log p(x[b, t+1] | x[b, <=t])
-
-    loss_mask: [B, T], 1 where token t is a label (assistant content and its eot in SFT). The caller divides
-    by the number of trained tokens of the whole optimizer step (all micro-batches, all processes), so that
-    gradient accumulation gives the same gradient as one big batch.
-    """
-    logps = token_logps(logits, input_ids)  # [B, T-1]
-    mask = loss_mask[:, 1:].float()  # [B, T-1]
-    return -(logps * mask).sum(), mask.sum()
-
-
 # -- DPO (Llama 3) ------------------------------------------------------------------------------------------
-def sequence_logps(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed float32 log-probability of each sequence's trained tokens, and how many there are.
-
-    logps[b] = sum_t m[b, t+1] * log p(x[b, t+1] | x[b, <=t]),   n[b] = sum_t m[b, t+1]
-
-    logits: [B, T, V], input_ids: [B, T], loss_mask: [B, T] (1 where token t counts: the final assistant
-    turn, formatting tokens removed for Llama 3 DPO) -> logps: [B], n: [B]. A masked position contributes
-    exactly 0 to the value and to the gradient.
-    """
-    logps = token_logps(logits, input_ids)  # [B, T-1] float32
-    mask = loss_mask[:, 1:].to(logps.dtype)  # [B, T-1]
-    return (logps * mask).sum(-1), mask.sum(-1)
-
-
 def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor, ref_chosen_logps: torch.Tensor,
              ref_rejected_logps: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-pair DPO (sigmoid) loss and implicit rewards (Rafailov et al., 2023).

