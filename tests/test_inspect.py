@@ -92,3 +92,35 @@ def test_multibyte_tokens_are_shown_as_bytes(tiny_fmt):
     pieces = [di.token_text(tiny_fmt, t) for t in tiny_fmt.text_ids("héllo ✓")]
     assert "".join(pieces) != "" and "\ufffd" not in "".join(pieces)
     assert any("\\x" in p for p in pieces)  # the tiny vocabulary splits é into bytes
+
+
+def test_tokenizer_names_as_recipes_take_them(tmp_path, llama3_fmt, llama31_fmt, capsys):
+    """`make inspect TOKENIZER=llama3` (or llama3.1, the template names) resolves as model.tokenizer does:
+    one resolver, data.chat_format.load_tokenizer."""
+    src = tmp_path / "conv.jsonl"
+    call = {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]}
+    src.write_text(json.dumps({"messages": CONV}) + "\n" + json.dumps(
+        {"messages": [CONV[1], call, {"role": "ipython", "content": "21 C"}, CONV[2]],
+         "tools": [{"type": "function", "function": {"name": "get_weather"}}]}) + "\n")
+    out = tmp_path / "first.json"
+    assert di.main([str(src), "--tokenizer", "llama3", "-n", "1", "--json", str(out)]) == 0
+    assert "template: llama3\n" in capsys.readouterr().out
+    assert json.loads(out.read_text())["input_ids"] == llama3_fmt.encode(CONV).input_ids
+    assert di.main([str(src), "--tokenizer", "llama3.1", "--json", str(out)]) == 0
+    shown = capsys.readouterr().out
+    assert "template: llama3.1 (Today Date: 26 Jul 2024)" in shown and "Cut|ting| Knowledge| Date" in shown
+    assert "<|eot_id|>|<|start_header_id|>|ipy|thon|<|end_header_id|>" in shown  # the tool record, with its tools
+    got = json.loads(out.read_text())
+    assert got["text"] == llama31_fmt.render(CONV) and got["input_ids"] == llama31_fmt.encode(CONV).input_ids
+    assert di.main([str(src), "--tokenizer", "llama3", "--template", "llama3.1"]) == 2  # 3.0 names: no <|eom_id|>
+    assert "tokenizer `llama3.1` has the 3.1 names" in capsys.readouterr().err
+
+
+def test_tiny_copies_a_named_tokenizer(tmp_path):
+    from data.chat_format import load_tokenizer, saved_chat_template
+    from data.tiny import train_tokenizer
+
+    fmt = train_tokenizer([], tmp_path / "tok", source="llama3.1", template="llama3.1", date="1 Jan 2025")
+    assert (fmt.template, fmt.date, fmt.eom_id) == ("llama3.1", "1 Jan 2025", 128008)
+    again = load_tokenizer(tmp_path / "tok")  # the folder carries the family and date
+    assert (again.template, again.date) == ("llama3.1", "1 Jan 2025") and "1 Jan 2025" in saved_chat_template(tmp_path / "tok")
