@@ -3,8 +3,13 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 RECIPE ?= recipes/default.yaml
-# Any extra key=value words on the command line become recipe overrides, e.g. `make sft sft.lr=1e-4`.
-OVERRIDES := $(foreach w,$(filter-out RECIPE=% FILE=% TOKENIZER=% JSON=% VENV=% ROUND=% MODELS=% OUT=% GPUS=% LAUNCHER=% PORT=% ACCELERATE_ARGS=%,$(MAKEOVERRIDES)),$(if $(findstring =,$(w)),$(w)))
+# Any extra key=value words on the command line become recipe overrides, e.g. `make sft sft.lr=1e-4`, each
+# passed as one single-quoted shell word (a ' inside as '\'') so that a value with spaces,
+# `make pipeline sampling.system_prompts='["be brief", "be kind"]'`, reaches the recipe loader intact. They are
+# read from the command-line variables (origin), not from MAKEOVERRIDES, which splits such a value at its spaces.
+NOT_OVERRIDES := SEEDS RECIPE FILE TOKENIZER JSON MODEL DATA FIX VENV ROUND MODELS OUT GPUS LAUNCHER PORT ACCELERATE_ARGS
+CLI_VARS := $(strip $(foreach v,$(.VARIABLES),$(if $(filter command line,$(origin $(v))),$(v))))
+OVERRIDES := $(foreach v,$(filter-out $(NOT_OVERRIDES),$(CLI_VARS)),'$(subst ','\'',$(v)=$(value $(v)))')
 GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 # GPUs: `make sft GPUS=8 LAUNCHER=zero3` runs a training stage (sft, reward, dpo) under `accelerate launch`
 # with recipes/accelerate/$(LAUNCHER).yaml (single, ddp, zero2, zero3, fsdp2) and GPUS processes in all;
@@ -20,7 +25,7 @@ RUN_PLAIN = $(PY) -m pipeline.run
 RUN_TRAIN = $(if $(LAUNCHER),$(VENV)/bin/accelerate launch --config_file recipes/accelerate/$(LAUNCHER).yaml --num_processes $(GPUS) $(ACCELERATE_ARGS) -m pipeline.run,$(RUN_PLAIN))
 
 .PHONY: install pipeline prepare sft reward sample dpo eval average test test-slow inspect clean
-.PHONY: dashboard
+.PHONY: dashboard seeds
 
 install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
@@ -60,10 +65,22 @@ average: install
 inspect: install
 	$(PY) -m data.inspect $(FILE) --tokenizer $(TOKENIZER) $(if $(JSON),--json $(JSON))
 
+# Check a model folder (or run folder, or tokenizer name), a recipe and data before training on them; exits 1
+# on an error finding. make doctor MODEL=dir [RECIPE=r.yaml] [DATA="a.jsonl b.jsonl"] [FIX=out_dir]
+# (the recipe only when given here: the default recipe's llama3 template says nothing about MODEL)
+.PHONY: doctor
+doctor: install
+	$(PY) -m data.doctor $(MODEL) $(if $(filter command line,$(origin RECIPE)),--recipe $(RECIPE)) $(foreach d,$(DATA),--data $(d)) $(if $(FIX),--fix $(FIX))
+
 # Every run's report/index.html and runs/index.html, then served on http://127.0.0.1:$(PORT)/index.html
 PORT ?= 8000
 dashboard: install
 	$(PY) -m evals.dashboard runs --serve $(PORT)
+
+# The default recipe over several seeds, one run folder each, a table and bench/results/seeds-*.json
+SEEDS ?= 0 1 2 3 4
+seeds: install
+	$(PY) bench/seeds.py --seeds $(SEEDS) $(OVERRIDES)
 
 test: install
 	$(PY) -m pytest -q

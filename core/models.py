@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -15,15 +16,59 @@ from peft.tuners.lora import LoraLayer
 from transformers import AutoModelForCausalLM
 
 from core.distributed import gathered
+from data.doctor import dropout_overrides
+from data.embeddings import reset_untrained_rows
 
 
 def torch_dtype(name: str) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
-def load_causal_lm(path: str | os.PathLike, dtype: str = "float32"):
-    """A local HF causal LM, safetensors only, no remote code."""
-    return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype(dtype), use_safetensors=True, trust_remote_code=False)
+class ModelFolderError(FileNotFoundError):
+    """A model folder that cannot be loaded as given (missing, no config, no safetensors weights). A
+    FileNotFoundError, so that the pipeline and the CLIs print it as one `error:` line (exit code 2)."""
+
+
+PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
+
+
+def require_safetensors(path: str | os.PathLike, key: str | None = None) -> Path:
+    """Check that `path` is a model folder every loader can read: config.json and *.safetensors weights.
+
+    The one check before every model load (load_causal_lm, reward.model, the sampling engines, prepare), so
+    that a folder with only pytorch_model.bin is refused with why and how to convert it, not with the
+    loader's traceback. `.bin` / `.pt` files are pickles: loading one can run code, so they are never read;
+    converting is left to the user, on a machine where the model is trusted. `key` names the recipe key."""
+    p = Path(path)
+    where = f"{key} {p}" if key else str(p)
+    if not p.is_dir():
+        raise ModelFolderError(f"{where}: no such model folder")
+    if not (p / "config.json").is_file():
+        raise ModelFolderError(f"{where}: no config.json: not a Hugging Face model folder")
+    if any(p.glob("*.safetensors")):
+        return p
+    pickles = sorted(f.name for pattern in PICKLE_WEIGHTS for f in p.glob(pattern) if not f.name.startswith("training_args"))
+    if not pickles:
+        raise ModelFolderError(f"{where}: no model weights (*.safetensors)")
+    try:  # the class that keeps every weight (a reward model's score head too)
+        arch = str((json.loads((p / "config.json").read_text()).get("architectures") or [""])[0])
+    except (OSError, ValueError, AttributeError, IndexError):
+        arch = ""
+    arch = arch if re.fullmatch(r"[A-Za-z_]\w*", arch) else "AutoModelForCausalLM"  # printed for pasting: a name only
+    raise ModelFolderError(
+        f"{where}: only pickle weights ({', '.join(pickles[:3])}{', ...' if len(pickles) > 3 else ''}); weights are "
+        "loaded as safetensors only, since loading a pickle can run code. Convert them once, where the model is "
+        f"trusted: python -c \"from transformers import {arch} as M, AutoTokenizer as T; M.from_pretrained('{p}')"
+        f".save_pretrained('{p}-safetensors', safe_serialization=True); T.from_pretrained('{p}')"
+        f".save_pretrained('{p}-safetensors')\" and give that folder instead")
+
+
+def load_causal_lm(path: str | os.PathLike, dtype: str = "float32", dropout: float | None = 0.0):
+    """A local HF causal LM, safetensors only, no remote code. `dropout` (model.dropout): every dropout
+    probability of its config is set to it before the modules are built (None keeps the checkpoint's)."""
+    require_safetensors(path)
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype(dtype), use_safetensors=True, trust_remote_code=False,
+                                                **dropout_overrides(path, dropout))
 
 
 def apply_lora(model, lora_cfg, task_type: str = "CAUSAL_LM"):
@@ -55,26 +100,11 @@ def fp32_master_weights(model, accelerator) -> int:
     return n
 
 
-@torch.no_grad()
 def init_special_embeddings(model, token_ids: list[int]) -> list[int]:
-    """Set untrained rows (norm far below the typical row) of the chat-format tokens to the mean embedding.
-
-    Llama 3 base models ship barely trained header/eot embeddings; training through them from ~0 is slow
-    and unstable. Returns the ids that were reset."""
-    fixed = []
-    for emb in {model.get_input_embeddings(), model.get_output_embeddings()}:
-        if emb is None:
-            continue
-        with gathered([emb.weight]):  # ZeRO-3 (zero3_init_flag): the full rows, written back from process 0
-            w = emb.weight
-            norms = w.float().norm(dim=-1)
-            typical = norms.median()
-            mean = w.float().mean(0).to(w.dtype)
-            for t in token_ids:
-                if t < w.shape[0] and norms[t] < 1e-3 * typical:
-                    w[t] = mean
-                    fixed.append(t)
-    return sorted(set(fixed))
+    """Set untrained rows (norm far below the typical row) of the chat-format tokens to the mean embedding:
+    data.embeddings.reset_untrained_rows (the doctor's check and --fix are the same function), with ZeRO-3's
+    partitioned rows gathered. Returns the ids that were reset."""
+    return reset_untrained_rows(model, token_ids, gather=gathered)
 
 
 def save_model(model, tokenizer, out_dir: str | os.PathLike, accelerator=None) -> None:

@@ -11,6 +11,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from data.io import write_jsonl
+
 
 class TrainLog:
     """Training curves: appended to `train_log.jsonl` (the dashboard reads it) and sent to TensorBoard etc."""
@@ -36,37 +38,92 @@ class TrainLog:
         if self.main and self.path.exists():
             self.path.unlink()
 
+    def truncate(self, step: int) -> None:
+        """Keep the lines of the steps before `step` (a resumed run's checkpoint): the steps after it were
+        logged by the killed run and are logged again, and the curve must not hold them twice. Atomic, so a
+        kill here leaves the old log."""
+        if not (self.main and self.path.exists()):
+            return
+        kept = []
+        with open(self.path) as f:
+            for line in f:
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # the last line, torn by the kill
+                if record["step"] < step:
+                    kept.append(record)
+        write_jsonl(self.path, kept)
+
     def close(self) -> None:
         if self.trackers:
             self.accelerator.end_training()
 
 
-class Throughput:
-    """Training speed and memory of a stage run: tokens (non-pad input tokens, all processes) and examples per
-    second of the training loop, and the peak GPU memory (max over processes) when on CUDA."""
+WARMUP_STEPS = 5  # optimizer steps left out of a stage's throughput (see Throughput)
 
-    def __init__(self, accelerator):
+
+def warmup_steps(n_steps: int, warmup: int = WARMUP_STEPS) -> int:
+    """How many of a run's `n_steps` optimizer steps are warm-up: `warmup`, or fewer in a short run (at most
+    half of its steps, so that a run of 1 step is timed whole and a run of 6 keeps 3 timed steps)."""
+    return max(0, min(warmup, n_steps // 2))
+
+
+class Throughput:
+    """Training speed and memory of a stage run, in its metrics:
+
+    - `throughput` (tokens/s: non-pad input tokens, all processes) and `examples_per_s`: the steady rate, over
+      the optimizer steps after the first `warmup_steps_excluded` ones (WARMUP_STEPS, fewer in a short run:
+      `warmup_steps`). The first steps pay for CUDA context and kernel autotuning, the allocator's growth and
+      lazy initialisation, and would make a 40-step run look slower than a long one. `steps_timed` steps in
+      `steady_seconds`;
+    - `train_seconds`: the whole loop, warm-up included, and `throughput_incl_warmup` the rate over it;
+    - `peak_gpu_mem_gb` (GiB) on CUDA: torch.cuda.max_memory_allocated over the whole loop (warm-up included),
+      the max over processes.
+
+    The stage calls `add` once per optimizer step, after the step's forward/backward: a step's time is the
+    time from the previous step's `add` to its own (the previous optimizer update, this step's batches, its
+    forward and backward)."""
+
+    def __init__(self, accelerator, warmup_steps: int = WARMUP_STEPS):
         self.accelerator = accelerator
-        self.tokens = self.examples = 0
-        if torch.cuda.is_available():
+        self.warmup = warmup_steps
+        self.step_tokens: list[int] = []
+        self.step_examples: list[int] = []
+        self.step_ends: list[float] = []  # perf_counter when each step's forward/backward was done
+        self.cuda = torch.cuda.is_available()
+        if self.cuda:
             torch.cuda.reset_peak_memory_stats()
         self.t0 = time.perf_counter()
 
     def add(self, micro_batches: list[dict], pad_id: int, examples: int) -> None:
-        """This process's micro-batches of one step (the pad token is a dedicated one: never content)."""
-        self.tokens += sum(int((mb["input_ids"] != pad_id).sum()) for mb in micro_batches)
-        self.examples += examples
+        """This process's micro-batches of one optimizer step (the pad token is a dedicated one: never content)."""
+        self.step_tokens.append(sum(int((mb["input_ids"] != pad_id).sum()) for mb in micro_batches))
+        self.step_examples.append(examples)
+        if self.cuda:  # the step ends when its kernels are done, not when they are queued
+            torch.cuda.synchronize()
+        self.step_ends.append(time.perf_counter())
 
     def metrics(self) -> dict:
         """Collective (every process calls it)."""
         acc = self.accelerator
         seconds = time.perf_counter() - self.t0
-        counts = torch.tensor([self.tokens, self.examples], dtype=torch.float64, device=acc.device)
+        n = len(self.step_tokens)
+        w = warmup_steps(n, self.warmup)
+        steady = self.step_ends[-1] - (self.step_ends[w - 1] if w else self.t0) if n else 0.0
+        counts = torch.tensor([sum(self.step_tokens[w:]), sum(self.step_examples[w:]), sum(self.step_tokens)],
+                              dtype=torch.float64, device=acc.device)
+        times = torch.tensor([steady, seconds], dtype=torch.float64, device=acc.device)
         if acc.num_processes > 1:
             counts = acc.reduce(counts, "sum")
-        out = {"train_seconds": round(seconds, 2), "throughput": round(counts[0].item() / max(seconds, 1e-9), 1),
-               "throughput_unit": "tokens/s", "examples_per_s": round(counts[1].item() / max(seconds, 1e-9), 2)}
-        if torch.cuda.is_available():
+            times = acc.reduce(times, "max")  # the slowest process sets the pace
+        steady, seconds = times.tolist()
+        out = {"train_seconds": round(seconds, 2),
+               "throughput": round(counts[0].item() / max(steady, 1e-9), 1), "throughput_unit": "tokens/s",
+               "examples_per_s": round(counts[1].item() / max(steady, 1e-9), 2),
+               "warmup_steps_excluded": w, "steps_timed": n - w, "steady_seconds": round(steady, 3),
+               "throughput_incl_warmup": round(counts[2].item() / max(seconds, 1e-9), 1)}
+        if self.cuda:
             peak = torch.tensor([torch.cuda.max_memory_allocated() / 2**30], device=acc.device)
             if acc.num_processes > 1:
                 peak = acc.reduce(peak, "max")

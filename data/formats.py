@@ -4,6 +4,8 @@ Files: local ``.jsonl``, ``.json`` (a list of objects, one object, or one object
 anything that is not a local path is taken as a Hugging Face dataset name (``name`` or ``name:split``,
 default split ``train``), loaded only when it is read. ``iter_file`` yields ``(line, record)``; a line that is
 not valid JSON or not UTF-8 yields ``(line, "<code>: <problem>")`` instead, so that the validator counts it.
+A file that cannot be read record by record at all (a ``.parquet`` that is not Parquet, a JSON list broken
+beyond the next record) raises DataError: one line naming the file and where, never a silent undercount.
 
 Canonical forms (TRL's column names; every message is ``{"role", "content"}``):
 
@@ -12,9 +14,9 @@ Canonical forms (TRL's column names; every message is ``{"role", "content"}``):
                   "edited": [assistant messages]  (optional)}          ranking: edited > chosen > rejected
     prompt       {"id": str, "prompt": [messages]}
 
-``id``, ``category`` and ``source`` are kept; so are the token-id fields the sampling stage passes
-(``prompt_ids``, ``chosen_ids``, ``rejected_ids``, ``edited_ids``) and UltraFeedback's ``score_chosen`` /
-``score_rejected``. Accepted input shapes:
+``id``, ``category`` and ``source`` are kept (a prompt's id is UltraFeedback's ``prompt_id`` when it has one,
+as data.hub reads it); so are the token-id fields the sampling stage passes (``prompt_ids``, ``chosen_ids``,
+``rejected_ids``, ``edited_ids``) and UltraFeedback's ``score_chosen`` / ``score_rejected``. Accepted input shapes:
 
     SFT          messages | prompt + completion (strings or message lists) | an HH-RLHF transcript string
                  ("\\n\\nHuman: ...\\n\\nAssistant: ...") in ``text`` or ``messages``
@@ -22,8 +24,9 @@ Canonical forms (TRL's column names; every message is ``{"role", "content"}``):
                  TRL implicit prompt: chosen/rejected are whole conversations sharing the prompt
                  HH-RLHF: chosen/rejected are transcripts
                  UltraFeedback: prompt (or instruction) + completions [{"response", "overall_score"|"score"}]
+                 (a completion without a numeric score is skipped and counted, not the record)
                  UltraFeedback binarized: prompt + chosen/rejected conversations + score_chosen/score_rejected
-    prompt       prompt (string or messages) | messages (a trailing assistant turn is dropped)
+    prompt       prompt or instruction (string or messages) | messages (a trailing assistant turn is dropped)
 
 Normalisers only reshape; they do not judge roles, emptiness or lengths (``data.validate`` does). A record
 whose shape they cannot read raises ``DataError`` whose ``code`` says why.
@@ -39,7 +42,8 @@ from typing import Iterator
 
 RANKING = ("edited", "chosen", "rejected")  # best first
 KEEP_FIELDS = ("id", "category", "source", "score_chosen", "score_rejected", "margin",
-               "prompt_ids", "chosen_ids", "rejected_ids", "edited_ids")
+               "prompt_ids", "chosen_ids", "rejected_ids", "edited_ids",
+               "tools", "builtin_tools")  # llama3.1: the conversation's tool schemas / built-in tools (chat_format)
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
 HH_ROLES = {"Human": "user", "Assistant": "assistant"}
 _HH_SPLIT = re.compile(r"\n\n(Human|Assistant):[ \t]?")
@@ -123,7 +127,7 @@ def _iter_json(p: Path) -> Iterator[tuple[int, dict | str]]:
     text = text.removeprefix("\ufeff")
     body = text.lstrip()
     if body.startswith("["):
-        yield from _iter_json_array(text)
+        yield from _iter_json_array(text, p)
         return
     try:
         obj = json.loads(text)
@@ -141,8 +145,12 @@ def _iter_json(p: Path) -> Iterator[tuple[int, dict | str]]:
         yield 1, f"invalid_json: expected a JSON object or a list of objects, got {type(obj).__name__}"
 
 
-def _iter_json_array(text: str) -> Iterator[tuple[int, dict | str]]:
-    """Walk a JSON array element by element so that each record keeps the line where it starts."""
+def _iter_json_array(text: str, path) -> Iterator[tuple[int, dict | str]]:
+    """Walk a JSON array element by element so that each record keeps the line where it starts.
+
+    A broken element is reported (``invalid_json: list element N: ...``) and the walk goes on after it, so the
+    records behind it are still read and counted. Where its end cannot be found (brackets that never balance,
+    a string that never closes, the file cut short) the records after it cannot be counted either: DataError."""
     decoder = json.JSONDecoder()
     ws = re.compile(r"\s*")
     counted = [0, 1]  # position up to which newlines are counted, and the line number there
@@ -155,36 +163,124 @@ def _iter_json_array(text: str) -> Iterator[tuple[int, dict | str]]:
     pos = ws.match(text, ws.match(text, 0).end() + 1).end()  # past "[" and whitespace
     if text.startswith("]", pos):
         return
+    index, no_comma = 0, False
     while True:
+        index += 1
+        line = line_at(pos)
         try:
             obj, end = decoder.raw_decode(text, pos)
+            problem = None
         except json.JSONDecodeError as e:
-            yield e.lineno, f"invalid_json: {e.msg} at column {e.colno}"
-            return
-        if isinstance(obj, dict):
-            yield line_at(pos), obj
+            obj, end, problem = None, pos, f"{e.msg} (line {e.lineno} column {e.colno})"
+        after = ws.match(text, end).end()
+        sep = text[after : after + 1]
+        if problem is not None or sep not in (",", "]"):  # the slow path: find where this element ends
+            found = _element_end(text, pos)
+            if found is None:
+                where = problem or f"expected ',' or ']' at line {line_at(after)}"
+                raise DataError(f"{path}: invalid JSON in list element {index} (line {line}): {where}; the list "
+                                "cannot be read past it, so its later records cannot be counted: fix the file "
+                                "(or write it as .jsonl, where a bad line costs only itself)")
+            after, sep = found
+            if problem is None and sep != "missing":
+                problem = f"unexpected text after it at line {line_at(end)}"
+        if no_comma:
+            yield line, f"invalid_json: list element {index}: no ',' between it and the element before"
+        elif problem is not None:
+            yield line, f"invalid_json: list element {index}: {problem}"
+        elif isinstance(obj, dict):
+            yield line, obj
         else:
-            yield line_at(pos), f"invalid_json: expected a JSON object, got {type(obj).__name__}"
-        pos = ws.match(text, end).end()
-        if text.startswith(",", pos):
-            pos = ws.match(text, pos + 1).end()
-        elif text.startswith("]", pos):
-            if text[pos + 1 :].strip():
-                yield line_at(pos), "invalid_json: extra data after the list"
+            yield line, f"invalid_json: list element {index}: expected a JSON object, got {type(obj).__name__}"
+        no_comma = sep == "missing"  # two elements with no comma between: the second is counted as broken
+        if sep == "]":
+            if text[after + 1 :].strip():
+                yield line_at(after), "invalid_json: extra data after the list"
             return
-        else:
-            yield line_at(pos), "invalid_json: expected ',' or ']' after a list element"
+        pos = ws.match(text, after + 1).end() if sep == "," else after
+        if sep == "," and text.startswith("]", pos):  # a trailing comma: no record behind it
             return
+
+
+def _element_end(text: str, pos: int) -> tuple[int, str] | None:
+    """Where the list element starting at `pos` ends, read as brackets and strings only (so a syntax error
+    inside it does not matter): (index of the ',' or ']' after it, that character), or (index, "missing")
+    when a new object or list starts right after it without a comma. None when its brackets do not balance,
+    a string runs past the end of its line (JSON strings hold no raw newline: a quote is missing or extra, and
+    the quotes after it pair up wrongly) or the text ends first: nothing after it can be trusted."""
+    stack: list[str] = []
+    closed = False  # a bracketed value at the list's level has been closed
+    i, n = pos, len(text)
+    while i < n:
+        c = text[i]
+        if c == '"':
+            i += 1
+            while i < n and text[i] != '"' and text[i] != "\n":
+                i += 2 if text[i] == "\\" else 1
+            if i >= n or text[i] == "\n":
+                return None
+        elif c in "{[":
+            if not stack and closed:
+                return i, "missing"
+            stack.append("}" if c == "{" else "]")
+        elif c in "}]":
+            if not stack:
+                return (i, "]") if c == "]" else None
+            if stack.pop() != c:
+                return None
+            closed = not stack
+        elif c == "," and not stack:
+            return i, ","
+        i += 1
+    return None
+
+
+PARQUET_MAGIC = b"PAR1"  # a Parquet file starts and ends with these 4 bytes
 
 
 def _iter_parquet(p: Path) -> Iterator[tuple[int, dict | str]]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
+    with open(p, "rb") as f:  # checked first: pyarrow's own error is a traceback about footers and magic bytes
+        head = f.read(64)
+        f.seek(0, os.SEEK_END)
+        size = f.tell()
+        f.seek(max(0, size - 4))
+        tail = f.read(4)
+    if head[:4] != PARQUET_MAGIC:
+        raise DataError(f"{p}: not a Parquet file (no PAR1 magic bytes): {_looks_like(head, size)}; write it with "
+                        "a Parquet writer, or give it the suffix of what it is (.jsonl, .json)")
+    if size < 12 or tail != PARQUET_MAGIC:
+        raise DataError(f"{p}: not a whole Parquet file: it starts with PAR1 but does not end with it (cut short?)")
     row = 0
-    for batch in pq.ParquetFile(p).iter_batches(batch_size=1024):
-        for rec in batch.to_pylist():
-            row += 1
-            yield row, rec
+    try:
+        for batch in pq.ParquetFile(p).iter_batches(batch_size=1024):
+            for rec in batch.to_pylist():
+                row += 1
+                yield row, rec
+    except (pa.ArrowException, OSError) as e:  # a damaged file: one line, and how far it was read
+        raise DataError(f"{p}: cannot read it as Parquet after {row} rows: "
+                        f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+
+
+def _looks_like(head: bytes, size: int) -> str:
+    """What a file that is not what its suffix says seems to be, from its first bytes."""
+    if size == 0:
+        return "it is empty"
+    text = head.decode("utf-8", errors="replace").lstrip("\ufeff")
+    if len(head) == 64:  # a character cut at the 64th byte is not a sign of binary
+        text = text[: len(text) - 3] + text[-3:].rstrip("\ufffd")
+    first = next((line for line in text.splitlines() if line.strip()), "")
+    shown = repr(first[:40] + ("..." if len(first) > 40 else ""))
+    if first.lstrip().startswith(("{", "[")):
+        return f"it looks like JSON text, starting {shown}"
+    binary = any(c == "\ufffd" or (ord(c) < 32 and c not in "\t\r\n") for c in text)
+    if not binary and ("," in first or "\t" in first):
+        return f"it looks like CSV/TSV text, starting {shown}"
+    if not binary:
+        return f"it looks like text, starting {shown}"
+    return f"it starts with bytes {head[:8].hex(' ')}"
 
 
 def _iter_hf_dataset(spec: str) -> Iterator[tuple[int, dict | str]]:
@@ -223,8 +319,9 @@ def is_transcript(x) -> bool:
 def to_messages(x, role: str, what: str) -> list[dict]:
     """A string (one message of `role`), an HH transcript, or a message list, as a list of message dicts.
 
-    Message dicts are copied with their ``role`` and ``content`` only; a missing key stays missing so that
-    the validator can report it. OpenAI-style content parts ``[{"type": "text", "text": ...}]`` are joined."""
+    Message dicts are copied with their ``role`` and ``content`` only (and an assistant's ``tool_calls``,
+    llama3.1, whose content may then be absent: ""); a missing key stays missing so that the validator can
+    report it. OpenAI-style content parts ``[{"type": "text", "text": ...}]`` are joined."""
     if isinstance(x, str):
         return parse_transcript(x) if is_transcript(x) else [{"role": role, "content": x}]
     if isinstance(x, dict) and ("role" in x or "content" in x):
@@ -234,6 +331,10 @@ def to_messages(x, role: str, what: str) -> list[dict]:
     out = []
     for m in x:
         msg = {k: m[k] for k in ("role", "content") if k in m}
+        if m.get("tool_calls"):  # null or [] (a datasets column for every message) is no tool call
+            msg["tool_calls"] = m["tool_calls"]
+            if msg.get("content") is None:
+                msg["content"] = ""
         if isinstance(msg.get("content"), list) and all(isinstance(c, dict) and "text" in c for c in msg["content"]):
             msg["content"] = "".join(str(c["text"]) for c in msg["content"])
         out.append(msg)
@@ -313,21 +414,27 @@ def _strip_prefix(conv: list[dict], prompt: list[dict]) -> list[dict]:
 
 
 def _from_ultrafeedback(rec: dict) -> dict:
-    """Best-scored completion is chosen, worst is rejected; their scores are kept."""
-    prompt = rec.get("prompt", rec.get("instruction"))
+    """Best-scored completion is chosen, worst is rejected; their scores are kept. A completion without a
+    numeric score (UltraFeedback has nulls) is skipped, not the record: its index goes under
+    ``"skipped_completions"``, which the validator counts and drops."""
+    prompt = rec.get("prompt") if rec.get("prompt") is not None else rec.get("instruction")
     if prompt is None:
         raise DataError("UltraFeedback record without 'prompt' (or 'instruction')")
-    scored = []
+    scored, skipped = [], []
     for i, c in enumerate(rec["completions"] or []):
         if not isinstance(c, dict):
             raise DataError(f"completions[{i}]: expected an object, got {type(c).__name__}")
-        score = c.get("overall_score", c.get("score"))
+        score = c.get("overall_score") if c.get("overall_score") is not None else c.get("score")
         text = c.get("response", c.get("text"))
-        if not isinstance(score, (int, float)) or isinstance(score, bool) or text is None:
-            raise DataError(f"completions[{i}]: needs 'response' and a numeric 'overall_score' or 'score'")
+        if text is None:
+            raise DataError(f"completions[{i}]: needs 'response' (or 'text')")
+        if not isinstance(score, (int, float)) or isinstance(score, bool) or score != score:  # None, text, NaN
+            skipped.append(i)
+            continue
         scored.append((float(score), i, text))
     if len(scored) < 2:
-        raise DataError(f"UltraFeedback record with {len(scored)} completion(s); a preference needs two")
+        why = f" ({len(skipped)} without a numeric 'overall_score' or 'score')" if skipped else ""
+        raise DataError(f"UltraFeedback record with {len(scored)} scored completion(s){why}; a preference needs two")
     best = max(scored, key=lambda s: (s[0], -s[1]))
     worst = min(scored, key=lambda s: (s[0], s[1]))
     if best[0] == worst[0]:
@@ -335,7 +442,8 @@ def _from_ultrafeedback(rec: dict) -> dict:
     return {**_kept(rec), "prompt": to_messages(prompt, "user", "prompt"),
             "chosen": to_messages(best[2], "assistant", "chosen"),
             "rejected": to_messages(worst[2], "assistant", "rejected"),
-            "score_chosen": best[0], "score_rejected": worst[0]}
+            "score_chosen": best[0], "score_rejected": worst[0],
+            **({"skipped_completions": skipped} if skipped else {})}
 
 
 def ranked_pairs(record: dict) -> list[tuple[str, str]]:
@@ -347,16 +455,22 @@ def ranked_pairs(record: dict) -> list[tuple[str, str]]:
 
 # -- prompts ----------------------------------------------------------------------------------------------
 def normalize_prompt(rec: dict, default_id: str | None = None) -> dict:
-    """``{"id", "prompt": [...]}`` (plus kept fields) from ``prompt`` or ``messages``."""
+    """``{"id", "prompt": [...]}`` (plus kept fields) from ``prompt``, ``instruction`` (UltraFeedback, as for
+    preferences) or ``messages``. The id is ``id``, else UltraFeedback's ``prompt_id``, else `default_id`."""
     if not isinstance(rec, dict):
         raise DataError(f"expected a JSON object, got {type(rec).__name__}")
     if rec.get("prompt") is not None:
         prompt = to_messages(rec["prompt"], "user", "prompt")
+    elif rec.get("instruction") is not None:
+        prompt = to_messages(rec["instruction"], "user", "instruction")
     elif rec.get("messages") is not None:
         prompt = to_messages(rec["messages"], "user", "messages")
         if prompt and prompt[-1].get("role") == "assistant":
             prompt = prompt[:-1]
     else:
-        raise DataError(f"not a prompt record: expected 'prompt' or 'messages' (keys: {', '.join(sorted(rec)) or 'none'})")
-    rid = rec.get("id", default_id)
+        raise DataError(f"not a prompt record: expected 'prompt', 'instruction' or 'messages' "
+                        f"(keys: {', '.join(sorted(rec)) or 'none'})")
+    # UltraFeedback names a prompt's id prompt_id: the hub download (data.hub) keeps it too, so a local file
+    # and the same set fetched from the Hub give the same ids, hence the same sampling seeds
+    rid = next((rec[k] for k in ("prompt_id", "id") if rec.get(k) not in (None, "")), default_id)
     return {**_kept(rec), "id": None if rid is None else str(rid), "prompt": prompt}

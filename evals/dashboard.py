@@ -1,7 +1,8 @@
 """The dashboard: one self-contained HTML page per run, and an index page comparing the runs.
 
     python -m evals.dashboard [runs_root]                  # every run's report/index.html + runs_root/index.html
-    python -m evals.dashboard runs --serve 8000            # ... then serve runs_root on 127.0.0.1 (make dashboard)
+    python -m evals.dashboard runs --serve 8000            # ... then serve them on 127.0.0.1 (make dashboard):
+                                                           # runs_root/index.html and <run>/report/* only
 
 `build(run_dir)` gathers a run's files into one JSON document (`collect`), embeds it in
 evals/dashboard_template.html and writes runs/<name>/report/index.html; `build_index(runs_root)` writes
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import http
 import http.server
 import json
 import math
@@ -466,9 +468,44 @@ def build_all(runs_root) -> list[Path]:
     return paths + [build_index(root)]
 
 
+def served_file(root: Path, url_path: str) -> Path | None:
+    """The file a dashboard URL may serve, or None (404): runs_root/index.html ("/" too) and the files of a run's
+    report folder (runs_root/<run>/report/<file>: its page, metrics.json, screenshot), nothing else. runs/ also
+    holds models, checkpoints and data, which a page never links to; a symlink is followed only to such a
+    file inside the root (the path is checked after resolving, so report/x -> ../../model/... is refused)."""
+    rel = urllib.parse.unquote(urllib.parse.urlsplit(url_path).path).strip("/") or "index.html"
+    real_root = Path(root).resolve()
+    try:
+        real = (real_root / rel).resolve(strict=True)
+        parts = real.relative_to(real_root).parts
+    except (OSError, RuntimeError, ValueError):  # missing, a symlink loop, or outside the root
+        return None
+    if not (parts == ("index.html",) or (len(parts) == 3 and parts[1] == "report")):
+        return None
+    return real if real.is_file() else None
+
+
+class ReportHandler(http.server.SimpleHTTPRequestHandler):
+    """SimpleHTTPRequestHandler limited to `served_file`: everything else is a 404, folders are never listed."""
+
+    def translate_path(self, path: str) -> str:
+        found = served_file(Path(self.directory), path)
+        return str(found) if found is not None else ""
+
+    def send_head(self):
+        if not self.translate_path(self.path):
+            self.send_error(http.HTTPStatus.NOT_FOUND, "File not found")
+            return None
+        return super().send_head()
+
+
+def make_server(root: Path, port: int) -> http.server.ThreadingHTTPServer:
+    """The dashboard's server on 127.0.0.1:`port` (0: a free one), serving only report pages from `root`."""
+    return http.server.ThreadingHTTPServer(("127.0.0.1", port), functools.partial(ReportHandler, directory=str(root)))
+
+
 def serve(root: Path, port: int) -> None:
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
-    with http.server.ThreadingHTTPServer(("127.0.0.1", port), handler) as httpd:
+    with make_server(root, port) as httpd:
         print(f"serving {root} at http://127.0.0.1:{httpd.server_address[1]}/index.html (Ctrl-C stops)", flush=True)
         try:
             httpd.serve_forever()

@@ -87,7 +87,7 @@ def main(recipe, out_dir: Path, inputs: dict) -> dict:
 
     # -- every policy's eval responses, scored by the last round's reward model ---------------------------
     rm_dir = dirs[f"r{n_rounds}/reward"] / "model"
-    fmt = load_tokenizer(rm_dir)
+    fmt = load_tokenizer(rm_dir, recipe.model.chat_template, recipe.model.template_date)
     responses = {k: r for k, d in dirs.items() if k.split("/")[-1] in POLICIES and (r := read_responses(d))}
     t0 = time.perf_counter()
     rm = load_reward_model(rm_dir, recipe.model.dtype)

@@ -5,7 +5,8 @@
 - task.kind `default`: the embedded task (data/default_task.py), generated from task.seed;
   `files`: the recipe's files, hub-named datasets downloaded once into data/ (data/hub.py).
 - model `tiny`: a tokenizer trained on the task's texts and a tiny Llama-3-architecture model with its short
-  plain-text pretraining (data/tiny.py); a hub name: its safetensors, config and tokenizer, downloaded once.
+  plain-text pretraining (data/tiny.py); a hub name: its safetensors, config and tokenizer, downloaded once;
+  a local folder: read in place by the later stages, checked here (config.json, safetensors weights).
 - on the default task, the base model's gold-judge figures and its eval answers (eval_responses.jsonl).
 """
 
@@ -15,6 +16,7 @@ import shutil
 from pathlib import Path
 
 from core.evaluate import evaluate_policy
+from core.models import require_safetensors
 from data import default_task, hub
 from data.io import write_jsonl
 from data.tiny import make_model, train_tokenizer
@@ -23,6 +25,9 @@ from data.tiny import make_model, train_tokenizer
 def main(recipe, out_dir: Path, inputs: dict | None = None) -> dict:
     """Write data/*.jsonl and model/ into `out_dir`; returns the stage's metrics."""
     task, mcfg = recipe.task, recipe.model
+    # a local model folder: checked here, first, so that prepare does not report success for a missing one
+    if mcfg.name_or_path != "tiny" and not hub.is_hub(mcfg.name_or_path):
+        require_safetensors(mcfg.name_or_path, key=f"{recipe.source}: model.name_or_path")
     out = Path(out_dir)
     data_dir = out / "data"
     files, sets = {}, {}
@@ -42,7 +47,8 @@ def main(recipe, out_dir: Path, inputs: dict | None = None) -> dict:
         corpus = default_task.corpus(sets) if task.kind == "default" else []
         tmp = out / "model.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        fmt = train_tokenizer(corpus, tmp, mcfg.vocab_size, source=mcfg.tokenizer)  # or a copy of model.tokenizer
+        fmt = train_tokenizer(corpus, tmp, mcfg.vocab_size, source=mcfg.tokenizer,  # or a copy of model.tokenizer
+                              template=mcfg.chat_template, date=mcfg.template_date)
         pretrain_texts = default_task.pretraining_text if task.kind == "default" else None
         model = make_model(fmt, tmp, mcfg, seed=recipe.seed, texts=pretrain_texts)
         if getattr(model, "pretrain_losses", None):

@@ -16,7 +16,13 @@ Stages and the files between them (runs/<name>/<stage>/ for round 1, runs/<name>
 
 Policies (prepare's base, sft, dpo) also write eval_responses.jsonl: their sampled answers to the held-out
 prompts, which the eval stage judges. A stage whose manifest matches its config and input hashes is
-skipped; a changed input reruns it and, since its outputs change, the stages after it.
+skipped; a changed input reruns it and, since its outputs change, the stages after it. A stage refuses an
+input from a stage that did not finish or whose files changed since it did (rerun that one), and a second
+run into a stage folder that a live run holds (its .lock).
+
+Exit codes: 0 done; 2 bad input or config (one `error:` line); 3 a training stage's loss or gradient norm went
+NaN/Inf (one `error:` line naming stage, step and value; no model written, the last good checkpoint kept);
+130/143 interrupted by SIGINT/SIGTERM (a training stage checkpoints first: rerun the same command to resume).
 """
 
 from __future__ import annotations
@@ -25,13 +31,15 @@ import argparse
 import copy
 import os
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 from alignment import dpo, sft
+from core.checkpoints import NonFiniteError
 from core.config import ConfigError, load_recipe
 from core.tracking import quiet_library_bars
-from core.runs import StageRun, TemplateMismatch, stage_dir
-from data import hub
+from core.runs import StageBusy, StageRun, TemplateMismatch, UpstreamError, stage_dir, stage_lock
+from data import doctor, hub
 from data.chat_format import ChatFormatError, load_tokenizer
 from data.formats import DataError
 from data.io import read_json
@@ -76,7 +84,8 @@ def stage_inputs(recipe, stage: str, round_idx: int = 1) -> dict:
         return {"model": init, "data": data("preference", t.preference_data),
                 "eval_data": data("eval_preference", t.eval_preference_data)}
     if stage == "sample":
-        return {"policy": policy, "reward": stage_dir(recipe, "reward", r) / "model", "prompts": data("prompts", t.prompts_data)}
+        return {"policy": policy, "reward": stage_dir(recipe, "reward", r) / "model", "prompts": data("prompts", t.prompts_data),
+                "eval_prompts": eval_prompts}  # never sampled: their best answers would be trained on
     if stage == "dpo":
         pairs = {"sampling": stage_dir(recipe, "sample", r) / "pairs.jsonl", "preference": data("preference", t.preference_data)}
         return {"model": stage_dir(recipe, "sft", r) / "model", "data": pairs.get(recipe.dpo.data, Path(recipe.dpo.data)),
@@ -106,11 +115,14 @@ def stage_config(recipe, stage: str, round_idx: int = 1) -> dict:
     return {"seed": recipe.seed, "round": round_idx, **{k: r[k] for k in keys}}
 
 
-def template_hash(model_dir: Path) -> str | None:
-    """The tokenizer + chat template hash of a model folder (None if it has no tokenizer yet)."""
+def template_hash(model_dir: Path, model_cfg=None) -> str | None:
+    """The tokenizer + chat template hash of a model folder (None if it has no tokenizer yet), with the
+    recipe's model.chat_template / template_date when given (as the stages encode)."""
     if not (Path(model_dir) / "tokenizer.json").exists():
         return None
-    return load_tokenizer(model_dir).template_hash()
+    if model_cfg is None:
+        return load_tokenizer(model_dir).template_hash()
+    return load_tokenizer(model_dir, model_cfg.chat_template, model_cfg.template_date).template_hash()
 
 
 TRAINING = ("sft", "reward", "dpo")  # every process of `accelerate launch` runs these; the others run once
@@ -126,18 +138,26 @@ def run_stage(recipe, stage: str, round_idx: int = 1, force: bool = False, *, _m
     label = stage if round_idx == 1 or stage in ("prepare", "eval") else f"round {round_idx} {stage}"
     inputs = {k: v for k, v in stage_inputs(recipe, stage, round_idx).items() if v is not None}
     model_dir = inputs.get("model") or inputs.get("policy")
-    run = StageRun(out, stage, stage_config(recipe, stage, round_idx), inputs, template_hash(model_dir) if model_dir else None)
+    # refuses inputs from a stage of this run that did not finish or changed since (UpstreamError)
+    run = StageRun(out, stage, stage_config(recipe, stage, round_idx), inputs, template_hash(model_dir, recipe.model) if model_dir else None,
+                   run_dir=Path(recipe.output_dir) / recipe.name)
     for path in inputs.values():  # refuse inputs made with another tokenizer or chat template
         run.check_template(Path(path) if stage == "eval" else Path(path).parent)
-    if not force and run.is_up_to_date():
-        print(f"[{label}] up to date: {out}")
-        return None
-    print(f"[{label}] running -> {out}", flush=True)
-    metrics = STAGES[stage](round_recipe(recipe, round_idx), out, inputs)
-    extra = {"template_hash": template_hash(out / "model")} if stage == "prepare" else {}
-    if int(os.environ.get("RANK", "0")) != 0:  # under a launcher the main process alone writes metrics + manifest
-        return metrics
-    metrics = run.finish(metrics, extra)
+    main_process = int(os.environ.get("RANK", "0")) == 0  # under a launcher every rank of a training stage is here
+    with stage_lock(out) if main_process else nullcontext():  # one run per stage folder (StageBusy)
+        if not force and run.is_up_to_date():
+            print(f"[{label}] up to date: {out}")
+            return None
+        # the doctor on the model the stage starts from: an error stops it here (DoctorError), warnings print
+        doctor.before_stage(round_recipe(recipe, round_idx), stage, inputs, show=main_process)
+        print(f"[{label}] running -> {out}", flush=True)
+        if main_process:
+            run.start()
+        metrics = STAGES[stage](round_recipe(recipe, round_idx), out, inputs)
+        extra = {"template_hash": template_hash(out / "model", recipe.model)} if stage == "prepare" else {}
+        if not main_process:  # under a launcher the main process alone writes metrics + manifest
+            return metrics
+        metrics = run.finish(metrics, extra)
     summary = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     print(f"[{label}] done in {metrics['wall_seconds']}s: " + ", ".join(f"{k}={v}" for k, v in list(summary.items())[:8]))
     return metrics
@@ -193,9 +213,12 @@ def main(argv: list[str] | None = None) -> int:
             if stage == "eval" and int(os.environ.get("RANK", "0")) == 0:  # the other ranks waited for it
                 build_dashboard(recipe)
                 print_report(recipe)
-    except (ConfigError, DataError, ChatFormatError, TemplateMismatch, FileNotFoundError) as e:
+    except (ConfigError, DataError, ChatFormatError, TemplateMismatch, UpstreamError, StageBusy, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except NonFiniteError as e:  # a diverged run: not bad input, and its checkpoints are worth keeping
+        print(f"error: {e}", file=sys.stderr)
+        return 3
     return 0
 
 

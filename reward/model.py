@@ -34,6 +34,7 @@ Two ways to lay out a preference row, both scored through `RewardScorer`:
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import random
@@ -45,15 +46,17 @@ from transformers.utils import logging as hf_logging
 
 from core.distributed import gathered
 from core.models import apply_lora as _apply
-from core.models import torch_dtype
+from core.models import ModelFolderError, require_safetensors, torch_dtype
 
 from data.chat_format import Encoded
+from data.doctor import dropout_overrides
 
 
 # -- loading --------------------------------------------------------------------------------------------
 def _load(path, dtype: str, attn_implementation: str, **kwargs):
     """(model, loading info). HF's load report is silenced: the callers check the missing keys themselves
     (a causal LM has no `score` and an unused `lm_head`; anything else missing is an error)."""
+    require_safetensors(path)
     level = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
@@ -64,17 +67,44 @@ def _load(path, dtype: str, attn_implementation: str, **kwargs):
         hf_logging.set_verbosity(level)
     missing = sorted(k for k in info["missing_keys"] if not k.startswith("score."))
     if missing:
-        raise ValueError(f"{path}: weights missing for {type(model).__name__}: {', '.join(missing[:4])}")
+        raise ModelFolderError(f"{path}: weights missing for {type(model).__name__}: {', '.join(missing[:4])}")
     return model, info
 
 
+def check_reward_folder(path: str | os.PathLike) -> None:
+    """A trained reward model folder, checked from its files alone (config.json and the safetensors headers):
+    safetensors weights with a `score` head, and a pad token id. The sampling stage checks it before its
+    engines start (a worker failing minutes later would be a traceback); load_reward_model checks it too."""
+    p = require_safetensors(path)
+    try:
+        config = json.loads((p / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise ModelFolderError(f"{p}: cannot read config.json: {e}") from None
+    from safetensors import safe_open
+
+    keys: set[str] = set()
+    for f in sorted(p.glob("*.safetensors")):
+        try:
+            with safe_open(str(f), framework="pt") as h:
+                keys.update(h.keys())
+        except Exception as e:  # a torn or foreign file: one line
+            why = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise ModelFolderError(f"{f}: cannot read as safetensors: {why}") from None
+    if not any(k == "score.weight" or k.endswith(".score.weight") for k in keys):
+        raise ModelFolderError(f"{p}: not a trained reward model (no `score` head weights); give the reward stage's "
+                               "model folder (runs/<name>/reward/model)")
+    if config.get("pad_token_id") is None:
+        raise ModelFolderError(f"{p}: reward model config has no pad_token_id")
+
+
 def init_reward_model(path: str | os.PathLike, pad_id: int, dtype: str = "float32", attn_implementation: str = "sdpa",
-                      seed: int = 0) -> tuple[nn.Module, bool]:
+                      seed: int = 0, dropout: float | None = 0.0) -> tuple[nn.Module, bool]:
     """A sequence-classification model from a causal LM (SFT or base) or reward model folder.
 
     Returns (model, new_head). A head missing from the checkpoint is initialised normal(0, 1/sqrt(hidden+1))
-    from `seed`; a reward model's own head is kept."""
-    model, info = _load(path, dtype, attn_implementation, pad_token_id=pad_id)
+    from `seed`; a reward model's own head is kept. `dropout` (model.dropout): every dropout of its config
+    (None keeps the checkpoint's)."""
+    model, info = _load(path, dtype, attn_implementation, pad_token_id=pad_id, **dropout_overrides(path, dropout))
     model.config.pad_token_id = pad_id
     new_head = any(k.startswith("score.") for k in info["missing_keys"])
     if new_head:
@@ -88,11 +118,10 @@ def init_reward_model(path: str | os.PathLike, pad_id: int, dtype: str = "float3
 
 def load_reward_model(path: str | os.PathLike, dtype: str = "float32", attn_implementation: str = "sdpa") -> nn.Module:
     """A trained reward model folder (as the reward stage saves it), in eval mode, for scoring."""
+    check_reward_folder(path)
     model, info = _load(path, dtype, attn_implementation)
-    if any(k.startswith("score.") for k in info["missing_keys"]):
-        raise ValueError(f"{path}: not a trained reward model (no `score` head weights)")
-    if model.config.pad_token_id is None:
-        raise ValueError(f"{path}: reward model config has no pad_token_id")
+    if any(k.startswith("score.") for k in info["missing_keys"]):  # a head saved under a name HF does not map
+        raise ModelFolderError(f"{path}: not a trained reward model (no `score` head weights)")
     return model.eval()
 
 

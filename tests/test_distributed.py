@@ -134,11 +134,15 @@ def test_prepare_under_a_launcher_runs_on_the_main_process_only(setup):
 
 
 def _sft_models(root: Path, *names: str) -> None:
-    """Give runs/<name>/sft/model the same starting policy (the base model) for a DPO run."""
+    """Give runs/<name>/sft/model the same starting policy (the base model) for a DPO run, as a finished
+    SFT stage (DPO refuses an SFT folder without a complete manifest)."""
+    from core.runs import StageRun
+
     for name in names:
         dst = root / "runs" / name / "sft" / "model"
         shutil.rmtree(dst, ignore_errors=True)
         shutil.copytree(root / "base", dst)
+        StageRun(dst.parent, "sft", {}, {}).finish({})
 
 
 DPO_KEYS = ("train/loss", "train/nll", "train/rewards/margins", "train/rewards/accuracies", "train/logps/chosen", "train/lr",

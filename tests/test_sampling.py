@@ -92,6 +92,57 @@ def test_normalize_completion():
     assert normalize_completion([1, 2], "length", eot, [eot, eos]) == ([1, 2], True)
 
 
+def test_normalize_completion_keeps_eom():
+    """llama3.1: vLLM's stop ids include <|eom_id|> (a built-in tool call); the candidate ends there, no eot after."""
+    eot, eom, eos = 9, 7, 8
+    stops, ends = [eot, eom, eos], (eot, eom)
+    assert normalize_completion([1, 7], "stop", eot, stops, ends) == ([1, 7], False)  # eom kept as the last token
+    assert normalize_completion([1], "stop", eot, stops, ends, stop_reason=7) == ([1, 7], False)  # omitted: put back
+    assert normalize_completion([1, 8], "stop", eot, stops, ends) == ([1, 9], False)
+    assert normalize_completion([1], "stop", eot, stops, ends, stop_reason=None) == ([1, 9], False)
+    assert normalize_completion([1, 7], "length", eot, stops, ends) == ([1, 7], True)
+
+
+def test_a_shard_whose_engine_stops_on_eom(llama31_fmt, tmp_path, monkeypatch):
+    """generate_shard with a stand-in engine (a real vLLM run is slow) that stops on <|eom_id|>: the candidate
+    keeps eom, its pair carries the prompt's built-in tools, and DPO's loader encodes it ending in eom."""
+    import types
+
+    from core.config import SamplingConfig
+    from data.validate import load_preferences
+    from sampling.sample import generate_shard, write_outputs
+
+    f = llama31_fmt
+    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(SamplingParams=lambda **kw: kw))
+    prompts = [{"id": "p0", "prompt": [{"role": "user", "content": "Who won the 2022 World Cup?"}],
+                "builtin_tools": ["brave_search"]}]
+    cfg = SamplingConfig(k=2, max_tokens=64)
+    plan, _ = build_plan(prompts, f, cfg, max_len=4096)
+    assert plan[0]["builtin_tools"] == ["brave_search"] and plan[0]["prompt_ids"] == f.encode_prompt(
+        prompts[0]["prompt"], builtin_tools=["brave_search"])
+    call = [f.python_tag_id] + f.text_ids('brave_search.call(query="2022 World Cup")')
+    answer = f.text_ids("I think Argentina.")
+
+    class Engine:
+        def generate(self, requests, params, use_tqdm=False):
+            assert params[0]["stop_token_ids"] == [f.eot_id, f.eom_id, f.eos_id]
+            outs = [types.SimpleNamespace(index=0, token_ids=call, finish_reason="stop", stop_reason=f.eom_id),  # eom left out
+                    types.SimpleNamespace(index=1, token_ids=answer + [f.eot_id], finish_reason="stop", stop_reason=None)]
+            return [types.SimpleNamespace(prompt_token_ids=r["prompt_token_ids"], outputs=outs) for r in requests]
+
+    recs, _ = generate_shard(Engine(), plan, cfg, f)
+    cands = recs[0]["candidates"]
+    assert cands[0]["completion_ids"] == call + [f.eom_id] and cands[1]["completion_ids"] == answer + [f.eot_id]
+    cands[0]["reward"], cands[1]["reward"] = 1.0, -1.0
+    write_outputs(tmp_path, recs, cfg)
+    pair = json.loads((tmp_path / "pairs.jsonl").read_text())
+    assert pair["chosen_ids"][-1] == f.eom_id and pair["builtin_tools"] == ["brave_search"]
+    kept, report = load_preferences(tmp_path / "pairs.jsonl", f)
+    assert report.n_kept == 1
+    enc = f.encode_response(kept[0], "chosen")
+    assert enc.input_ids == plan[0]["prompt_ids"] + call + [f.eom_id] and enc.special_mask[-1] == 1
+
+
 def test_read_jsonl_torn_last_line(tmp_path):
     p = tmp_path / "x.jsonl"
     p.write_text('{"id": "a", "prompt": [{"role": "user", "content": "hi"}]}\n{"id": "b", "pro')
