@@ -156,12 +156,20 @@ class _Lines:
         self.stream.flush()
 
 
+class _LogBar(tqdm):
+    """Off a terminal, a postfix (the loss) waits for the next timed refresh instead of forcing one: tqdm's
+    set_postfix redraws at once, which would print a line per step again."""
+
+    def set_postfix(self, ordered_dict=None, refresh=True, **kwargs):
+        super().set_postfix(ordered_dict, refresh=False, **kwargs)
+
+
 def progress(iterable=None, *, desc: str, disable: bool = False, **kw):
     """A progress bar on a terminal; elsewhere (`make pipeline > run.log`) a progress line every
     LOG_INTERVAL_S seconds at most, so that a run's log is lines, not megabytes of bars."""
     if sys.stderr.isatty():
         return tqdm(iterable, desc=desc, disable=disable, **kw)
-    return tqdm(iterable, desc=desc, disable=disable, file=_Lines(sys.stderr), mininterval=LOG_INTERVAL_S, ncols=100, **kw)
+    return _LogBar(iterable, desc=desc, disable=disable, file=_Lines(sys.stderr), mininterval=LOG_INTERVAL_S, ncols=100, **kw)
 
 
 def quiet_library_bars() -> None:
