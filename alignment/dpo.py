@@ -16,17 +16,23 @@ Setup -> reference log-probs -> loop -> save:
   everywhere nothing rewards stopping, and a small model learns to append its chosen data's chatter.
 - loss (core.losses.dpo_nll_loss): DPO averaged over the pairs of the optimizer step + nll_weight x the
   chosen responses' NLL summed over the step and divided by the step's chosen-token count (all micro-batches,
-  all processes), so gradient accumulation equals one big batch. Log-probs are float32 sums over tokens.
-  Chosen and rejected go through the policy in ONE forward pass (batch 2B, chosen first).
+  all processes), so gradient accumulation equals one big batch. Log-probs are float32 sums over tokens,
+  the LM head run only at the positions that predict a trained token (core/logps.py).
+- layout (`prefix_sharing`, default on): one row per pair, prompt then chosen then rejected, the prompt
+  computed once; a 4D mask keeps the rejected tokens from seeing the chosen ones and their position ids
+  continue from the prompt's end, so each response computes what its own row would (core/packing.py). Off:
+  two rows per pair (batch 2B, chosen first). Either way chosen and rejected go through the policy in ONE
+  forward pass, and the reference log-probs are computed in the same layout.
 - reference: the SFT model, frozen (eval mode, requires_grad False). By default (`precompute_ref`) its
   log-probs are computed once before training, then it is freed; otherwise on the fly. With LoRA the
-  reference is the policy with its adapters disabled (peft `disable_adapter()`), never a second copy.
+  reference is the policy with its adapters disabled (peft `disable_adapter()`), never a second copy; with
+  `model.quantization: nf4` (QLoRA) that is the same 4-bit base.
 - metrics (TRL's names): rewards/chosen, rewards/rejected, rewards/margins, rewards/accuracies,
   logps/chosen, logps/rejected, nll, loss; logged to train_log.jsonl, their mean over the last steps
   returned, with the gold judge's figures of the trained policy.
 - checkpoints every `save_every` steps (and the reference log-probs); a killed run resumes. A NaN/Inf loss or
   gradient norm stops the stage (or skips the update: `nan_policy`); SIGTERM/SIGINT checkpoints and exits.
-- saves an HF model (safetensors, LoRA merged) in out_dir/model.
+- saves an HF model (safetensors, LoRA merged) in out_dir/model; with LoRA the adapters in out_dir/adapter.
 """
 
 from __future__ import annotations
@@ -38,7 +44,7 @@ from pathlib import Path
 import torch
 
 from core.evaluate import evaluate_saved_policy
-from core import checkpoints, distributed, models, optim, tracking
+from core import checkpoints, distributed, models, optim, packing, tracking
 from core.logps import completion_logps
 from core.losses import dpo_nll_loss
 from data.chat_format import ChatFormat, Encoded, collate, load_tokenizer
@@ -76,30 +82,53 @@ def build_pairs(records: list[dict], fmt: ChatFormat, max_length: int) -> tuple[
 
 
 def collate_pairs(pairs: list[tuple[Encoded, Encoded]], pad_id: int, mask_special_tokens: bool = True,
-                  nll_mask_special_tokens: bool = True) -> dict:
-    """One batch of 2B rows, the B chosen sequences first, then the B rejected ones (one forward pass).
+                  nll_mask_special_tokens: bool = True, prefix_sharing: bool = False,
+                  mask_dtype: torch.dtype = torch.float32) -> dict:
+    """One batch of R rows holding B pairs, for one forward pass.
 
-    input_ids, attention_mask, loss_mask: [2B, T]; loss_mask (the DPO term's) is the final assistant turn,
-    formatting tokens removed when `mask_special_tokens`. nll_mask: [B, T], the chosen rows' mask for the
-    NLL term: the same, except that it keeps the eot when `nll_mask_special_tokens` is off."""
-    seqs = [c for c, _ in pairs] + [r for _, r in pairs]
-    batch = collate(seqs, pad_id, mask="completion", mask_special_tokens=mask_special_tokens)
+    prefix_sharing: R = B rows of prompt, chosen response, rejected response (core/packing.py: the rejected
+    tokens see the prompt and themselves, never the chosen ones, their position ids continue from the
+    prompt's end), attention_mask [B, 1, T, T] additive `mask_dtype`, position_ids and prev_pos [B, T].
+    Otherwise R = 2B rows, the B chosen sequences first, then the B rejected ones, attention_mask [2B, T].
+
+    chosen_mask, rejected_mask: [R, T], the DPO term's tokens: the final assistant turn, formatting tokens
+    removed when `mask_special_tokens`. nll_mask: [R, T], the chosen tokens of the NLL term: the same, except
+    that it keeps the eot when `nll_mask_special_tokens` is off. pair: [R], the pair each row belongs to."""
     nll_special = mask_special_tokens and nll_mask_special_tokens
-    nll = batch if nll_special == mask_special_tokens else collate(seqs, pad_id, "completion", nll_special)
-    batch["nll_mask"] = nll["loss_mask"][: len(pairs)]
+    chosen, rejected = [c for c, _ in pairs], [r for _, r in pairs]
+    if prefix_sharing:
+        rows = [packing.prefix_row([c, r]) for c, r in pairs]
+        batch = packing.collate_rows(rows, pad_id, mask_dtype)  # input_ids, attention_mask, position_ids, prev_pos
+        T = batch["input_ids"].shape[1]
+        batch["chosen_mask"] = packing.place(rows, [[c.completion_mask(mask_special_tokens), None] for c in chosen], T)
+        batch["rejected_mask"] = packing.place(rows, [[None, r.completion_mask(mask_special_tokens)] for r in rejected], T)
+        batch["nll_mask"] = packing.place(rows, [[c.completion_mask(nll_special), None] for c in chosen], T)
+        batch["pair"] = torch.arange(len(pairs))
+        return batch
+    batch = collate(chosen + rejected, pad_id, mask="completion", mask_special_tokens=mask_special_tokens)
+    is_chosen = (torch.arange(2 * len(pairs)) < len(pairs))[:, None]  # [2B, 1]
+    loss_mask = batch.pop("loss_mask")  # [2B, T]
+    batch["chosen_mask"], batch["rejected_mask"] = loss_mask * is_chosen, loss_mask * ~is_chosen
+    nll = loss_mask if nll_special == mask_special_tokens else collate(chosen + rejected, pad_id, "completion", nll_special)["loss_mask"]
+    batch["nll_mask"] = nll * is_chosen
+    batch["pair"] = torch.arange(len(pairs)).repeat(2)
     return batch
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: v.to(device) for k, v in batch.items()}
 
 
 # -- log-probs ------------------------------------------------------------------------------------------------
 def pair_logps(model, batch: dict, nll: bool = False) -> tuple[torch.Tensor, ...]:
     """Summed float32 completion log-probs of a collated pair batch: (chosen [B], rejected [B]), and with
     `nll` the chosen ones under the NLL term's mask too ([B]); one forward pass, one log-softmax."""
-    masks = [batch["loss_mask"]]
-    if nll:  # the chosen rows' NLL mask, zero on the rejected rows
-        masks.append(torch.cat([batch["nll_mask"], torch.zeros_like(batch["nll_mask"])]))
-    logps = completion_logps(model, batch["input_ids"], batch["attention_mask"], masks)  # each [2B]
-    pc, pr = logps[0].chunk(2)  # [B], [B]
-    return (pc, pr, logps[1][: pc.numel()]) if nll else (pc, pr)
+    masks = [batch["chosen_mask"], batch["rejected_mask"]] + ([batch["nll_mask"]] if nll else [])
+    logps = completion_logps(model, batch["input_ids"], batch["attention_mask"], masks, prev_pos=batch.get("prev_pos"),
+                             position_ids=batch.get("position_ids"))  # each [R]
+    n_pairs = int(batch["pair"].max()) + 1 if batch["pair"].numel() else 0
+    # rows -> pairs: a row adds exactly 0 where it holds no token of that mask (the other response's row)
+    return tuple(torch.zeros(n_pairs, dtype=lp.dtype, device=lp.device).index_add(0, batch["pair"], lp) for lp in logps)
 
 
 def load_reference(path, dtype: str, reset: list[int] = ()):
@@ -163,7 +192,8 @@ def reference_logps(batch: dict, ref_model=None, policy=None) -> tuple[torch.Ten
         policy.train(was_training)
 
 
-def precompute_reference(pairs, fmt: ChatFormat, cfg, accelerator, ref_model=None, policy=None) -> torch.Tensor:
+def precompute_reference(pairs, fmt: ChatFormat, cfg, accelerator, ref_model=None, policy=None,
+                         mask_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Reference log-probs of every pair, [N, 2] (chosen, rejected) on CPU; each process does a shard."""
     n, world, rank = len(pairs), accelerator.num_processes, accelerator.process_index
     shard = -(-n // world)
@@ -175,8 +205,9 @@ def precompute_reference(pairs, fmt: ChatFormat, cfg, accelerator, ref_model=Non
     bar = tracking.progress(range(0, len(mine), bs), desc="reference log-probs", disable=not accelerator.is_local_main_process)
     for i in bar:
         idx = mine[i : i + bs]
-        batch = collate_pairs([pairs[j] for j in idx], fmt.pad_id, cfg.mask_special_tokens)
-        ref_chosen, ref_rejected = reference_logps({k: v.to(accelerator.device) for k, v in batch.items()}, ref_model, policy)
+        batch = collate_pairs([pairs[j] for j in idx], fmt.pad_id, cfg.mask_special_tokens,
+                              prefix_sharing=cfg.prefix_sharing, mask_dtype=mask_dtype)
+        ref_chosen, ref_rejected = reference_logps(to_device(batch, accelerator.device), ref_model, policy)
         out[i : i + len(idx)] = torch.stack([ref_chosen, ref_rejected], -1)
     if world > 1:
         out = accelerator.gather(out)  # [world * shard, 2], in rank order
@@ -187,8 +218,8 @@ def precompute_reference(pairs, fmt: ChatFormat, cfg, accelerator, ref_model=Non
 def dpo_step(model, micro_batches: list[dict], cfg, accelerator, world_size: int) -> dict:
     """Forward/backward over one optimizer step's micro-batches; returns the step's metrics.
 
-    Each micro-batch holds a collated pair batch ([2B, T], chosen first; `nll_mask` [B, T]) and
-    `ref_chosen`, `ref_rejected` ([B]). loss_i = dpo_nll_loss(..., n_pairs=P_step, n_chosen_tokens=N_step)
+    Each micro-batch holds a collated pair batch (collate_pairs: R rows of B pairs) and `ref_chosen`,
+    `ref_rejected` ([B]). loss_i = dpo_nll_loss(..., n_pairs=P_step, n_chosen_tokens=N_step)
     * world_size, where P_step and N_step count the pairs and NLL tokens of every micro-batch on every
     process; DDP averages over processes, so the gradient is d(sum dpo / P_step + w * sum nll / N_step)
     whatever the accumulation and the number of processes."""
@@ -238,15 +269,19 @@ def main(recipe, out_dir: Path, inputs: dict) -> dict:
     if not pairs:
         raise DataError(f"{inputs['data']}: no usable preference pairs")
     accelerator.print(f"dpo: {len(pairs)} pairs ({pair_counts['from_edited']} edited > rejected), "
-                      f"mask_special_tokens={cfg.mask_special_tokens}, precompute_ref={cfg.precompute_ref}")
+                      f"mask_special_tokens={cfg.mask_special_tokens}, precompute_ref={cfg.precompute_ref}, "
+                      f"prefix_sharing={cfg.prefix_sharing}, gradient_checkpointing={cfg.gradient_checkpointing}")
 
-    model = models.load_causal_lm(inputs["model"], recipe.model.dtype, recipe.model.dropout)
+    model = models.load_causal_lm(inputs["model"], recipe.model.dtype, recipe.model.dropout, recipe.model.quantization,
+                                  accelerator.device)  # nf4 (LoRA required): the reference is this 4-bit base too
     # the same rows reset in the reference (below), so that policy and reference agree at step 0
     reset = models.init_special_embeddings(model, sorted(template_ids(fmt))) if cfg.init_special_embeddings else []
-    model = models.apply_lora(model, cfg.lora)
+    model = models.apply_lora(model, cfg.lora, gradient_checkpointing=cfg.gradient_checkpointing)
+    models.gradient_checkpointing(model, cfg.gradient_checkpointing)  # activations recomputed in the backward
     models.fp32_master_weights(model, accelerator)  # bf16 compute, float32 updates; the frozen reference stays bf16
     model.train()
     ref_model = None if cfg.lora is not None else load_reference(inputs["model"], recipe.model.dtype, reset)
+    mask_dtype = models.torch_dtype(recipe.model.dtype)  # prefix sharing's 4D mask: the attention's compute dtype
 
     world = accelerator.num_processes
     plan = optim.plan_steps(len(pairs), cfg, world, recipe.seed)
@@ -264,7 +299,7 @@ def main(recipe, out_dir: Path, inputs: dict) -> dict:
         if saved is not None and saved.get("config_hash") == run.config_hash and len(saved["logps"]) == len(pairs):
             ref_table = saved["logps"]
         else:
-            ref_table = precompute_reference(pairs, fmt, cfg, accelerator, ref_model, policy)
+            ref_table = precompute_reference(pairs, fmt, cfg, accelerator, ref_model, policy, mask_dtype)
             if accelerator.is_main_process:  # save_every 0 too: a SIGTERM checkpoints at any step
                 run.ckpt_dir.mkdir(parents=True, exist_ok=True)
                 torch.save({"config_hash": run.config_hash, "logps": ref_table}, cache.with_suffix(".tmp"))
@@ -280,8 +315,9 @@ def main(recipe, out_dir: Path, inputs: dict) -> dict:
         micro = []
         for idx in plan[step]:
             mine = distributed.rank_slice(idx, accelerator.process_index, world)
-            batch = collate_pairs([pairs[i] for i in mine], fmt.pad_id, cfg.mask_special_tokens, cfg.nll_mask_special_tokens)
-            mb = {k: v.to(accelerator.device) for k, v in batch.items()}
+            batch = collate_pairs([pairs[i] for i in mine], fmt.pad_id, cfg.mask_special_tokens, cfg.nll_mask_special_tokens,
+                                  cfg.prefix_sharing, mask_dtype)
+            mb = to_device(batch, accelerator.device)
             if ref_table is not None:
                 ref = ref_table[mine].to(accelerator.device)
                 mb["ref_chosen"], mb["ref_rejected"] = ref[:, 0], ref[:, 1]
@@ -309,7 +345,8 @@ def main(recipe, out_dir: Path, inputs: dict) -> dict:
                **{k: round(sum(s[k] for s in tail) / len(tail), 6) for k in METRICS if tail},
                "pairs": pair_counts, "data": report.to_dict(), "beta": cfg.beta, "nll_weight": cfg.nll_weight,
                "mask_special_tokens": cfg.mask_special_tokens,
-               "nll_mask_special_tokens": cfg.nll_mask_special_tokens, **perf, **averaged}
+               "nll_mask_special_tokens": cfg.nll_mask_special_tokens, "prefix_sharing": cfg.prefix_sharing,
+               "gradient_checkpointing": cfg.gradient_checkpointing, **perf, **averaged}
     metrics.update(evaluate_saved_policy(accelerator, out_dir, recipe, fmt, inputs.get("eval_prompts")))
     if accelerator.is_main_process:
         shutil.rmtree(run.ckpt_dir, ignore_errors=True)  # the model is saved: its checkpoints are done with

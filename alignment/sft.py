@@ -7,10 +7,16 @@ Setup -> loop -> save:
 - data: `messages` records, validated (bad records reported and skipped), tokenized by the shared chat
   format: prompt, headers and BOS masked; assistant content and its <|eot_id|> trained.
 - loss: summed token NLL divided by the number of trained tokens of the whole optimizer step (all
-  micro-batches and all processes), so gradient accumulation equals one big batch.
+  micro-batches and all processes), so gradient accumulation equals one big batch. The LM head runs only at
+  the positions that predict a trained token (core/logps.py).
+- packing (`pack_tokens` > 0): a micro-batch's conversations go into rows of at most pack_tokens tokens
+  (first fit), no pad between them, position ids restarting at each, and each sees only itself (the
+  block-diagonal causal mask transformers builds from those position ids): the same loss and gradients as
+  a row each (tests/test_packing.py), without the pad positions.
 - checkpoints every `save_every` steps; a killed run resumes from the last complete one. A NaN/Inf loss or
   gradient norm stops the stage (or skips the update: `nan_policy`); SIGTERM/SIGINT checkpoints and exits.
-- saves an HF model (safetensors, LoRA merged) that the reward, sampling and DPO stages load.
+- saves an HF model (safetensors, LoRA merged) that the reward, sampling and DPO stages load (with LoRA the
+  adapters too, in out_dir/adapter).
 """
 
 from __future__ import annotations
@@ -21,12 +27,26 @@ from pathlib import Path
 import torch
 
 from core.evaluate import evaluate_saved_policy
-from core import checkpoints, distributed, models, optim, tracking
+from core import checkpoints, distributed, models, optim, packing, tracking
 from core.logps import completion_logps
-from data.chat_format import collate, load_tokenizer
+from data.chat_format import Encoded, collate, load_tokenizer
 from data.doctor import template_ids
 from data.validate import load_prompts, load_sft, prompt_keys
 from data.formats import DataError
+
+
+def collate_sft(batch: list[Encoded], pad_id: int, pack_tokens: int = 0) -> dict:
+    """One micro-batch. input_ids, loss_mask (every assistant turn with its eot): [B, T], a row per
+    conversation, with attention_mask [B, T]; or with `pack_tokens` [R, T'], R <= B rows of at most
+    pack_tokens tokens (a longer conversation alone), with position_ids and prev_pos [R, T'] and no
+    attention_mask (core/packing.py: transformers builds the per-conversation mask from the position ids)."""
+    if not pack_tokens:
+        return collate(batch, pad_id, "assistant")
+    bins = [[batch[i] for i in b] for b in packing.pack_greedy([len(e) for e in batch], pack_tokens)]
+    rows = [packing.document_row(encs) for encs in bins]
+    out = packing.collate_rows(rows, pad_id, mask_dtype=None)  # input_ids, position_ids, prev_pos
+    out["loss_mask"] = packing.place(rows, [[e.assistant_mask for e in encs] for encs in bins], out["input_ids"].shape[1])
+    return out
 
 
 def sft_step(model, micro_batches: list[dict], accelerator, world_size: int) -> tuple[float, int]:
@@ -41,7 +61,8 @@ def sft_step(model, micro_batches: list[dict], accelerator, world_size: int) -> 
     for i, mb in enumerate(micro_batches):
         sync = i == len(micro_batches) - 1
         with distributed.micro_batch(accelerator, model, last=sync):  # gradients synchronised on the last one
-            (logps,) = completion_logps(model, mb["input_ids"], mb["attention_mask"], [mb["loss_mask"]])  # [B]
+            (logps,) = completion_logps(model, mb["input_ids"], mb.get("attention_mask"), [mb["loss_mask"]],
+                                        prev_pos=mb.get("prev_pos"), position_ids=mb.get("position_ids"))  # [rows]
             nll = -logps.sum()
             loss = nll * world_size / max(1, n_step)
             accelerator.backward(loss)
@@ -69,9 +90,11 @@ def main(recipe, out_dir: Path, inputs: dict) -> dict:
         raise DataError(f"{inputs['data']}: no usable SFT records: {report.summary()}")
     examples = [r["encoded"] for r in records]
 
-    model = models.load_causal_lm(inputs["model"], recipe.model.dtype, recipe.model.dropout)
+    model = models.load_causal_lm(inputs["model"], recipe.model.dtype, recipe.model.dropout, recipe.model.quantization,
+                                  accelerator.device)  # nf4: quantized on this process's device as it loads
     reset = models.init_special_embeddings(model, sorted(template_ids(fmt))) if cfg.init_special_embeddings else []
-    model = models.apply_lora(model, cfg.lora)
+    model = models.apply_lora(model, cfg.lora, gradient_checkpointing=cfg.gradient_checkpointing)
+    models.gradient_checkpointing(model, cfg.gradient_checkpointing)  # activations recomputed in the backward
     models.fp32_master_weights(model, accelerator)  # bf16 compute, float32 updates
     model.train()
 
@@ -87,12 +110,13 @@ def main(recipe, out_dir: Path, inputs: dict) -> dict:
     bar = tracking.progress(range(run.start, len(plan)), desc="sft", disable=not accelerator.is_local_main_process,
                             initial=run.start, total=len(plan))
     for step in bar:
-        micro = []
+        micro, n_conversations = [], 0
         for idx in plan[step]:
             batch = [examples[i] for i in distributed.rank_slice(idx, accelerator.process_index, world)]
-            micro.append({k: v.to(accelerator.device) for k, v in collate(batch, fmt.pad_id, "assistant").items()})
+            micro.append({k: v.to(accelerator.device) for k, v in collate_sft(batch, fmt.pad_id, cfg.pack_tokens).items()})
+            n_conversations += len(batch)
         loss, n_tokens = sft_step(model, micro, accelerator, world)
-        speed.add(micro, fmt.pad_id, sum(len(mb["input_ids"]) for mb in micro))
+        speed.add(micro, fmt.pad_id, n_conversations)
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
         if run.step_ok(step, loss, grad_norm):  # NaN/Inf: NonFiniteError, or (skip_step) no update
             optimizer.step()

@@ -4,6 +4,7 @@
     python bench/train_speed.py                          # 1B shape: DPO, SFT, reward model -> bench/results/
     python bench/train_speed.py --lora-8b                # + an 8B-shape LoRA DPO stage
     python bench/train_speed.py --lora-8b --only dpo_lora_8b --append   # one stage, merged into today's file
+    python bench/train_speed.py --plain-project --out /tmp/plain        # the project arms without the options below
     .venv/bin/python bench/train_speed.py --tiny --lora-8b   # every arm on the CPU, tiny shapes (tests the harness)
 
 Setup (once, cached in the work folder, default /tmp/train-speed): a Llama-3.2-1B-shaped model (16 layers, hidden
@@ -21,14 +22,20 @@ batch 8, max_length 1024, 40 optimizer steps, bf16 compute; the first 5 steps ar
                             loss_type ["sigmoid", "sft"], loss_weights [1.0, 0.2]
           trl_precompute    the same with precompute_ref_log_probs=True
           project           alignment.dpo.main (reference log-probs precomputed, float32 master weights, bf16
-                            autocast, no gradient checkpointing, formatting tokens masked)
+                            autocast, no gradient checkpointing, formatting tokens masked; prefix sharing: one
+                            row per pair, the prompt once)
   sft     trl_default       trl.SFTTrainer, TRL's defaults (loss on every token: the cost is the same)
-          project           alignment.sft.main
+          project           alignment.sft.main, each batch's conversations packed into rows of up to
+                            max_length tokens (sft.pack_tokens 1024; --pack-tokens changes it)
   reward  project_one_row   reward.train.main, prompt + 3 ranked responses in one row (Llama 3)
           project_separate  the same, one row per response
   dpo_lora_8b (--lora-8b)   a Llama-3.1-8B shape (32 layers, hidden 4096, 32/8 heads, SwiGLU 14336, untied),
                             LoRA r 16, alpha 32, dropout 0 on all 7 projections, the frozen base in bf16:
-                            trl_default, trl_precompute (TRL with a peft LoraConfig) and project (dpo.lora)
+                            trl_default, trl_precompute (TRL with a peft LoraConfig) and project (dpo.lora,
+                            prefix sharing, gradient checkpointing on)
+Every project arm runs its LM head only at the positions that predict a trained token (core/logps.py: the one
+code path). --plain-project turns prefix sharing, packing and gradient checkpointing off, to measure what they
+save; each row's `options` says what its arm ran with.
 
 Figures per arm (a row of the JSON): examples/s (pairs, sequences, or records and pairs for the reward model) and
 tokens/s (real, non-pad input tokens: a DPO pair counts its chosen and rejected sequences once each; the reference
@@ -288,6 +295,19 @@ def peak_tracker():
     return lambda: round(max(before[0], torch.cuda.max_memory_allocated()) / 2**30, 2)
 
 
+def project_options(stage: str, bench: dict, plain: bool, pack_tokens: int | None = None) -> dict:
+    """The memory options a project arm runs with (its row's `options`), as recipe overrides' values. SFT packs
+    a batch into rows of `pack_tokens`, default max_length. Measured on one H200 (1B shape, batch 8 of ~435
+    tokens, 2026-12-04): rows of 1024 tokens 38.3 sequences/s at 29.1 GiB, of 2048 34.6 at 29.1, the whole batch
+    in one row of 8192 30.4 at 28.4, unpacked 36.8 at 30.7: SDPA computes a packed row's whole T x T block
+    (its mask is dense), so rows much longer than the conversations cost attention for little memory."""
+    pack = bench["max_length"] if pack_tokens is None else pack_tokens
+    return {"logits_to_keep": "trained positions",  # core/logps.py: always
+            "prefix_sharing": stage.startswith("dpo") and not plain,
+            "pack_tokens": pack if stage == "sft" and not plain else 0,
+            "gradient_checkpointing": stage == "dpo_lora_8b" and not plain}
+
+
 def run_project(spec: dict) -> dict:
     """(child) The project's stage `main(recipe, out_dir, inputs)`, as the pipeline calls it; its figures are
     what it reports (core.tracking.Throughput: steady rate after the warm-up steps)."""
@@ -305,6 +325,12 @@ def run_project(spec: dict) -> dict:
         overrides.append(f"dpo.lora={{r: {LORA['r']}, alpha: {LORA['alpha']}, dropout: {LORA['dropout']}}}")
     if stage == "reward":
         overrides.append(f"reward.one_row={'true' if arm == 'project_one_row' else 'false'}")
+    options = project_options(stage, bench, spec.get("plain", False), spec.get("pack_tokens"))
+    overrides.append(f"{section}.gradient_checkpointing={str(options['gradient_checkpointing']).lower()}")
+    if section == "dpo":
+        overrides.append(f"dpo.prefix_sharing={str(options['prefix_sharing']).lower()}")
+    if section == "sft":
+        overrides.append(f"sft.pack_tokens={options['pack_tokens']}")
     recipe = load_recipe(None, overrides)
     if section == "dpo":
         from alignment.dpo import main
@@ -321,10 +347,12 @@ def run_project(spec: dict) -> dict:
         "warmup_steps": m["warmup_steps_excluded"], "timed_seconds": m["steady_seconds"],
         "train_seconds": m["train_seconds"], "peak_gib": m.get("peak_gpu_mem_gb"), "peak_gib_process": process_peak(),
         "final_loss": m.get("final_loss"), "tokens_per_s_incl_warmup": m.get("throughput_incl_warmup"),
+        "options": options,
         "flags": {"entry": f"{main.__module__}.main", "overrides": overrides,
                   "precompute_ref": getattr(cfg, "precompute_ref", None), "lora": LORA if cfg.lora else None,
                   "mask_special_tokens": getattr(cfg, "mask_special_tokens", None), "one_row": getattr(cfg, "one_row", None),
-                  "gradient_checkpointing": False, "lr": cfg.lr,
+                  "gradient_checkpointing": cfg.gradient_checkpointing, "prefix_sharing": getattr(cfg, "prefix_sharing", None),
+                  "pack_tokens": getattr(cfg, "pack_tokens", None), "logits_to_keep": options["logits_to_keep"], "lr": cfg.lr,
                   "weights": ("frozen base in bf16, LoRA adapters in float32" if cfg.lora else "loaded in bf16, "
                               "trained as float32 master weights") + "; bf16 autocast (accelerate mixed_precision)"},
     }
@@ -424,6 +452,8 @@ def run_trl(spec: dict) -> dict:
         "train_seconds": round(timer.ends[-1] - timer.t_begin, 2), "peak_gib": timer.peak,
         "peak_gib_process": process_peak(), "final_loss": float(step_losses[-1]) if step_losses else None,
         "step_seconds": [round(b - a_, 4) for a_, b in zip([timer.t_begin] + timer.ends[:-1], timer.ends)],
+        "options": {"gradient_checkpointing": a.gradient_checkpointing,
+                    "padding_free": getattr(a, "padding_free", None), "packing": getattr(a, "packing", None)},
         "flags": {"trainer": f"trl.{base.__name__}", "loss_type": getattr(a, "loss_type", None),
                   "loss_weights": getattr(a, "loss_weights", None), "beta": getattr(a, "beta", None),
                   "precompute_ref_log_probs": getattr(a, "precompute_ref_log_probs", None),
@@ -439,12 +469,12 @@ def run_trl(spec: dict) -> dict:
     }
 
 
-def child(spec_path: str) -> int:
-    """A child process: one job (setup or an arm), its result as JSON in spec["result"]; an exception becomes
-    {"error": ...} (the traceback goes to the arm's log)."""
+def child(spec_path: str, jobs: dict | None = None) -> int:
+    """A child process: one job (setup or an arm; `jobs` names them, default this benchmark's), its result as
+    JSON in spec["result"]; an exception becomes {"error": ...} (the traceback goes to the arm's log)."""
     spec = json.loads(Path(spec_path).read_text())
     try:
-        job = {"setup": setup, "project": run_project, "trl": run_trl}[spec["job"]]
+        job = (jobs or {"setup": setup, "project": run_project, "trl": run_trl})[spec["job"]]
         result = job(spec)
     except BaseException as e:  # noqa: BLE001 - out of memory, an import error: reported as the arm's error
         traceback.print_exc()
@@ -455,8 +485,9 @@ def child(spec_path: str) -> int:
 
 
 # -- the parent: setup, every arm in its own process, the JSON ----------------------------------------------------
-def spawn(spec: dict, work: Path, name: str, env: dict, timeout: float) -> dict:
-    """Run one job in a fresh Python process; its output goes to work/logs/<name>.log."""
+def spawn(spec: dict, work: Path, name: str, env: dict, timeout: float, script: Path = Path(__file__)) -> dict:
+    """Run one job in a fresh Python process (`script --_child SPEC`: this file's, or another benchmark's that
+    reuses this harness, bench/qlora.py); its output goes to work/logs/<name>.log."""
     (work / "logs").mkdir(parents=True, exist_ok=True)
     spec_path, log = work / "logs" / f"{name}.spec.json", work / "logs" / f"{name}.log"
     spec = {**spec, "result": str(work / "logs" / f"{name}.result.json")}
@@ -465,7 +496,7 @@ def spawn(spec: dict, work: Path, name: str, env: dict, timeout: float) -> dict:
     t0 = time.perf_counter()
     try:
         with open(log, "w") as f:
-            rc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--_child", str(spec_path)], cwd=ROOT,
+            rc = subprocess.run([sys.executable, str(Path(script).resolve()), "--_child", str(spec_path)], cwd=ROOT,
                                 env=env, stdout=f, stderr=subprocess.STDOUT, timeout=timeout).returncode
     except subprocess.TimeoutExpired:
         rc = "timeout"
@@ -483,6 +514,8 @@ def spawn(spec: dict, work: Path, name: str, env: dict, timeout: float) -> dict:
 def row(stage: str, arm: str, r: dict, params: int, cuda: bool) -> dict:
     """One arm's row: the rate in the stage's unit, tokens/s, memory, MFU, loss, steps timed."""
     out = {"stage": stage, "arm": arm}
+    if "options" in r:  # what the arm ran with: the project's memory options, TRL's checkpointing and packing
+        out["options"] = r["options"]
     if "error" in r:
         return {**out, "error": r["error"], "wall_seconds": r["wall_seconds"], "log": r["log"]}
     if stage.startswith("dpo"):
@@ -540,6 +573,10 @@ def main(argv=None) -> int:
     ap.add_argument("--work", default="/tmp/train-speed", help="models, data, logs and the arms' outputs (cached setup)")
     ap.add_argument("--out", default=None, help="results folder (default bench/results; --tiny: <work>/results)")
     ap.add_argument("--arm-timeout", type=float, default=1800, help="seconds before an arm is killed (and gets an error row)")
+    ap.add_argument("--plain-project", action="store_true", help="the project arms without prefix sharing, packing and "
+                    "gradient checkpointing (rows' options say so)")
+    ap.add_argument("--pack-tokens", type=int, default=None, help="the SFT project arm's sft.pack_tokens (default "
+                    "max_length)")
     ap.add_argument("--_child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args._child:
@@ -588,7 +625,7 @@ def main(argv=None) -> int:
         name = f"{stage}-{arm}"
         spec = {"job": "trl" if arm.startswith("trl") else "project", "stage": stage, "arm": arm, "bench": bench_dict,
                 "warmup": warmup, "model": str(work / "models" / shape), "data": str(work / "data" / DATA_FILE[stage]),
-                "out_dir": str(work / "runs" / name)}
+                "out_dir": str(work / "runs" / name), "plain": args.plain_project, "pack_tokens": args.pack_tokens}
         print(f"== {stage} / {arm}", flush=True)
         r = spawn(spec, work, name, env, args.arm_timeout)
         shutil.rmtree(work / "runs" / name / "model", ignore_errors=True)  # the trained model: disk, not needed
@@ -608,20 +645,22 @@ def main(argv=None) -> int:
                     "cuda": gpu["cuda"] if gpu else None, "cpus": os.cpu_count(), "platform": platform.platform()},
         "versions": versions(),
         "settings": {**{k: v for k, v in bench_dict.items() if k != "lengths"}, "warmup_steps": warmup,
+                     "plain_project": args.plain_project,
                      "content_lengths": bench_dict["lengths"],
                      "shapes": {s: {**dataclasses.asdict(SHAPES[s]), "parameters": info["models"][s]["parameters"]} for s in shapes}},
         "data_tokens": tokens,
         "flags": flags,
         "notes": [
             "tokens_per_s: real (non-pad) input tokens of the trained sequences per second over the timed steps; a DPO "
-            "pair counts its chosen and rejected sequences once each, the reference passes are not counted",
+            "pair counts its chosen and rejected sequences once each (with the project's prefix sharing the prompt "
+            "once: compare pairs_per_s), the reference passes are not counted",
             "mfu: 6 x N x tokens_per_s / 989e12 (H100/H200 dense bf16), N = the row's params (embeddings "
             "included; LoRA: the base model's N, the same formula, though a frozen base has no weight gradients); "
             "gradient-checkpointing recomputes and reference forwards are work not counted",
             "peak_gib: torch.cuda.max_memory_allocated over the training loop (reset at its start, after loading and "
             "any reference precompute); peak_gib_process: over the whole process",
             f"the first {warmup} optimizer steps are warm-up, not timed; TRL's defaults turn gradient checkpointing "
-            "on (flags), the project does not use it",
+            "on (flags), the project uses it in the 8B LoRA arm only; each row's options say what its arm ran with",
             "reward: records_per_s = pairs_per_s / 3 (every record ranks 3 responses: 3 pairs); tokens_per_s counts "
             "what each layout feeds the model (one row: the prompt once; separate rows: once per response)",
         ],

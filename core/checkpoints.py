@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from core.average import average_models
-from core.models import save_model
+from core.models import drop_quant_state, save_model
 from core.runs import hash_obj
 from core.tracking import TrainLog
 from data.io import read_json, write_json
@@ -211,11 +211,11 @@ class TrainRun:
             self.interrupt(done, signum, saved)
 
     def finish(self, model, tokenizer) -> dict:
-        """Close the log, save the final model (out_dir/model), average it with the snapshots when asked.
-        Returns the run's metrics: skipped_steps, and averaged_steps when averaging."""
+        """Close the log, save the final model (out_dir/model; with LoRA the adapters too, out_dir/adapter), average
+        it with the snapshots when asked. Returns the run's metrics: skipped_steps, and averaged_steps when averaging."""
         self.log.close()
         self.restore_signals()  # saving the model and evaluating: a signal stops them as usual
-        save_model(model, tokenizer, self.out_dir / "model", self.accelerator)
+        save_model(model, tokenizer, self.out_dir / "model", self.accelerator, adapter_dir=self.out_dir / "adapter")
         return {"skipped_steps": self.skipped_steps, **average_snapshots(self.out_dir, self.snapshots, self.accelerator)}
 
 
@@ -226,6 +226,7 @@ def start_or_resume(accelerator, out_dir: Path, recipe, inputs: dict, cfg, n_ste
     Call it after accelerator.prepare."""
     config_hash = hash_obj({"recipe": recipe.to_dict(), "inputs": {k: str(v) for k, v in inputs.items()}})
     ckpt_dir = out_dir / "checkpoints"
+    accelerator.register_save_state_pre_hook(drop_quant_state)  # QLoRA: checkpoints that load back
     ckpt, start = latest_checkpoint(ckpt_dir, config_hash)
     log = TrainLog(out_dir, accelerator, cfg.report_to, vars(cfg))
     run = TrainRun(accelerator, out_dir, cfg, n_steps, ckpt_dir, config_hash, start, log, snapshot_steps(n_steps, cfg), stage)

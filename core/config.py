@@ -19,7 +19,7 @@ from typing import Literal
 import yaml
 
 from data.chat_format import DEFAULT_DATE, DEFAULT_TEMPLATE, TEMPLATES
-from data.doctor import DEFAULT_DROPOUT
+from data.doctor import DEFAULT_DROPOUT, nf4_problem
 
 
 class ConfigError(ValueError):
@@ -36,6 +36,7 @@ def num(default, *, gt=None, ge=None, le=None, lt=None):
 Dtype = Literal["float32", "bfloat16", "float16"]
 ReportTo = Literal["tensorboard", "none", "wandb", "trackio"]
 Overlong = Literal["drop", "truncate"]  # a record longer than max_length: dropped (counted) or cut
+Quantization = Literal["none", "nf4"]  # the frozen base of the training stages: as loaded, or QLoRA's 4-bit NormalFloat
 ChatTemplate = Literal[TEMPLATES]  # llama3 | llama3.1: data.chat_format.TEMPLATES
 
 
@@ -81,6 +82,10 @@ class ModelConfig:
     chat_template: ChatTemplate = DEFAULT_TEMPLATE
     template_date: str = DEFAULT_DATE  # llama3.1's "Today Date: ...", pinned so that runs reproduce
     dtype: Dtype = "float32"
+    # nf4: SFT, the reward model and DPO load their base quantized to 4 bits (QLoRA: bitsandbytes nf4, double
+    # quantization, bf16 compute and storage) and train LoRA adapters on it (every stage needs `lora`); saved
+    # models are merged into the dequantized base, in `dtype` (core/models.py). Needs bitsandbytes.
+    quantization: Quantization = "none"
     # every dropout probability of the policy's config (attention_dropout, ...) is set to this when a stage
     # loads it; null keeps the checkpoint's own (Llama 3's configs say 0.0)
     dropout: float | None = num(DEFAULT_DROPOUT, ge=0, lt=1)
@@ -125,11 +130,17 @@ class TrainConfig:
     # untrained rows of the chat format's special tokens (norm far below the median row) -> the mean embedding
     # (data/embeddings.py), on the model the stage starts from: SFT, the reward model from any init, DPO
     init_special_embeddings: bool = True
+    # activation checkpointing of the trained model's decoder layers (non-reentrant): about a third more compute
+    # for a fraction of the activation memory (core.models.gradient_checkpointing). null (default): off, except on
+    # a 4-bit base (model.quantization: nf4), where QLoRA's preparation turns it on (core.models.apply_lora)
+    gradient_checkpointing: bool | None = None
 
 
 @dataclass
 class SFTConfig(TrainConfig):
-    pass
+    # > 0: each micro-batch's conversations packed into rows of at most this many tokens (first fit), position
+    # ids restarting at each conversation and a per-conversation causal mask: no pad between them. 0: a row each
+    pack_tokens: int = num(0, ge=0)
 
 
 @dataclass
@@ -158,6 +169,16 @@ class SamplingConfig:
     gpu_memory_utilization: float = num(0.3, gt=0, le=1)
     enforce_eager: bool = False  # GPU: skip torch.compile and CUDA graphs (an engine starts in seconds, not minutes)
     max_prompts: int = num(-1, ge=-1)  # -1: all
+    # where the engines run (sampling/ray_backend.py): local = worker processes on this host (data_parallel of
+    # them); ray = one Ray actor per engine on a Ray cluster, shards handed out as actors free up. Same candidates.
+    backend: Literal["local", "ray"] = "local"
+    ray_address: str | None = None  # ray: None starts a local Ray instance on this machine; "auto" or HOST:PORT joins a cluster
+    # ray: actors to start; 0 = as many as the cluster holds: GPUs // tensor_parallel on GPU clusters, CPUs //
+    # cpus_per_engine on CPU clusters
+    engines: int = num(0, ge=0)
+    # ray: CPUs each actor reserves; 0 = 1 per engine on GPU clusters, and on CPU clusters a whole node's (the
+    # largest node's CPUs: one engine per node, since a vLLM-CPU engine uses every core it is given)
+    cpus_per_engine: int = num(0, ge=0)
 
 
 @dataclass
@@ -168,6 +189,9 @@ class DPOConfig(TrainConfig):
     precompute_ref: bool = True
     data: str = "sampling"  # sampling | preference (the task's preference data) | a path
     nll_mask_special_tokens: bool = True  # False: the NLL term also trains the chosen response's <|eot_id|>
+    # one row per pair: prompt, chosen, rejected, the prompt computed once (exact: a 4D mask and position ids,
+    # core/packing.py); false: two rows per pair. The policy pass and the reference log-probs alike.
+    prefix_sharing: bool = True
 
 
 @dataclass
@@ -319,4 +343,14 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
         if stage.average_last > 1 and stage.lora is not None:
             raise ConfigError(f"{src}: '{name}.average_last' does not support LoRA runs yet: average their merged "
                               "models with `python -m core.average` (make average)")
+    if recipe.model.quantization == "nf4":  # 4-bit weights take no gradient: every stage trains adapters on them
+        full = [name for name in ("sft", "reward", "dpo") if getattr(recipe, name).lora is None]
+        if len(full) == 3:
+            raise ConfigError(f"{src}: 'model.quantization: nf4' with full fine-tuning: 4-bit weights cannot be trained; "
+                              "set sft.lora, reward.lora and dpo.lora (QLoRA), or model.quantization: none")
+        if full:
+            raise ConfigError(f"{src}: 'model.quantization: nf4' needs '{full[0]}.lora' (it trains adapters on the frozen "
+                              f"4-bit base; {full[0]} is full fine-tuning): set {full[0]}.lora, or model.quantization: none")
+        if why := nf4_problem():
+            raise ConfigError(f"{src}: 'model.quantization: nf4': {why}")
     return recipe

@@ -1,9 +1,10 @@
-"""Models: loading (safetensors only, no remote code), LoRA, float32 master weights, the special-embedding
-fix, and saving (atomic, LoRA merged, in the loaded dtype).
+"""Models: loading (safetensors only, no remote code; optionally quantized to nf4, QLoRA), LoRA, float32 master
+weights, the special-embedding fix, and saving (atomic, LoRA merged, in the loaded dtype; the adapters too).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -11,8 +12,6 @@ import shutil
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, get_peft_model
-from peft.tuners.lora import LoraLayer
 from transformers import AutoModelForCausalLM
 
 from core.distributed import gathered
@@ -63,23 +62,137 @@ def require_safetensors(path: str | os.PathLike, key: str | None = None) -> Path
         f".save_pretrained('{p}-safetensors')\" and give that folder instead")
 
 
-def load_causal_lm(path: str | os.PathLike, dtype: str = "float32", dropout: float | None = 0.0):
+def load_causal_lm(path: str | os.PathLike, dtype: str = "float32", dropout: float | None = 0.0,
+                   quantization: str = "none", device=None):
     """A local HF causal LM, safetensors only, no remote code. `dropout` (model.dropout): every dropout
-    probability of its config is set to it before the modules are built (None keeps the checkpoint's)."""
+    probability of its config is set to it before the modules are built (None keeps the checkpoint's).
+    `quantization` (model.quantization) nf4: its linear layers quantized as it loads, on `device` (quantized_load)."""
     require_safetensors(path)
     return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype(dtype), use_safetensors=True, trust_remote_code=False,
-                                                **dropout_overrides(path, dropout))
+                                                **dropout_overrides(path, dropout), **quantized_load(quantization, device))
 
 
-def apply_lora(model, lora_cfg, task_type: str = "CAUSAL_LM"):
+# -- QLoRA: the frozen base in nf4 -------------------------------------------------------------------------
+def quantized_load(quantization: str, device=None) -> dict:
+    """from_pretrained's arguments for `model.quantization` ({} for none). nf4 is QLoRA's: bitsandbytes 4-bit
+    NormalFloat with double quantization (the blocks' scales quantized too, ~0.4 bit a weight saved), bf16
+    compute, and the packed 4-bit weights stored as bf16 elements, so that FSDP2 and ZeRO-3, which shard floating
+    tensors only, shard them like the rest (Answer.AI's FSDP+QLoRA). Every linear layer is quantized except the
+    LM head and a reward model's score head (transformers leaves the output layer and the last module alone).
+    On a GPU the weights are quantized as they load onto `device` (the process's own GPU: a 70B base never
+    passes through GPU memory in bf16); on a CPU, in CPU memory."""
+    if quantization == "none":
+        return {}
+    from transformers import BitsAndBytesConfig
+
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_storage=torch.bfloat16)
+    kwargs = {"quantization_config": config}
+    device = torch.device(device) if device is not None else None
+    if device is not None and device.type != "cpu":
+        if device.type == "cuda" and device.index is None:  # accelerate's prepare checks a 4-bit model's GPU index
+            device = torch.device("cuda", torch.cuda.current_device())
+        kwargs["device_map"] = {"": device}
+    return kwargs
+
+
+def quantized_layers(model) -> dict:
+    """{module name: bitsandbytes Linear4bit} of `model` (a peft wrapper too; peft's LoRA layer around one has the
+    same class name, hence the module check); empty for an unquantized model."""
+    return {name: m for name, m in model.named_modules()
+            if type(m).__name__ == "Linear4bit" and type(m).__module__.startswith("bitsandbytes.")}
+
+
+def prepare_quantized(model, gradient_checkpointing: bool = True):
+    """A 4-bit model made ready for adapters, before get_peft_model: peft's prepare_model_for_kbit_training
+    (every weight frozen; with `gradient_checkpointing`, activations recomputed layer by layer in backward,
+    non-reentrant, which FSDP2, DDP and DeepSpeed all take), minus two of its side effects:
+    - it casts every unquantized weight (embeddings, norms, LM head) to float32; they are frozen, the launcher's
+      bf16 autocast runs their matmuls in bf16 whatever their dtype, Llama's RMSNorm computes in float32 itself
+      and the log-probs are float32 (core/logps.py): float32 copies would only cost memory (2.1 GB on
+      Llama-3.1-8B, 4.2 GB on 70B), so they go back to the loaded dtype;
+    - on a CPU with AVX512-BF16, bitsandbytes repacks a Linear4bit's weight in place the first time it runs in
+      eval mode without gradients (DPO's reference pass), changing the frozen base's bytes and layout: off."""
+    from peft import prepare_model_for_kbit_training
+
+    loaded = getattr(model.config, "dtype", None)
+    loaded = getattr(torch, loaded) if isinstance(loaded, str) else loaded
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
+                                            gradient_checkpointing_kwargs={"use_reentrant": False})
+    if isinstance(loaded, torch.dtype) and loaded != torch.float32:
+        for p in model.parameters():
+            if p.dtype == torch.float32 and type(p).__name__ != "Params4bit":
+                p.data = p.data.to(loaded)
+    for layer in quantized_layers(model).values():
+        layer.support_avx512bf16_for_cpu = False
+    return model
+
+
+QUANT_STATE_KEYS = re.compile(r"\.weight\.(absmax|quant_map|nested_absmax|nested_quant_map|quant_state\..+)$")
+
+
+@torch.no_grad()
+def dequantized_state(state: dict, model) -> dict:
+    """`state` (a 4-bit model's full state dict, gathered or not) with every 4-bit weight replaced by its
+    dequantized matrix (bitsandbytes.functional.dequantize_4bit) in the compute dtype, on the CPU, and the
+    quant-state entries dropped: the base that the adapters were trained on, in a form any loader reads.
+
+    The scales come from the live module (`weight.quant_state`, or the module's copy where FSDP2 or ZeRO-3
+    replaced the parameter object); each matrix is dequantized on their device, one at a time, and moved to
+    the CPU: a 70B base in bf16 (140 GB) never sits in GPU memory."""
+    import bitsandbytes.functional as bnb_f
+
+    out = {k: v for k, v in state.items() if not QUANT_STATE_KEYS.search(k)}
+    for name, layer in quantized_layers(model).items():
+        qs = getattr(layer.weight, "quant_state", None) or layer.quant_state
+        key = f"{name}.weight"
+        packed = out.get(key, layer.weight.data)
+        out[key] = bnb_f.dequantize_4bit(packed.to(qs.absmax.device), qs).to(qs.dtype).cpu()
+    return out
+
+
+def drop_quant_state(models, weights, output_dir) -> None:
+    """accelerate save_state pre-hook (core.checkpoints registers it): the quant-state entries bitsandbytes adds
+    to a 4-bit model's state dict (absmax, quant_map, ...) are left out of checkpoints. Loading a checkpoint
+    back (load_state_dict, strict) would refuse them as unexpected keys; the packed weights it keeps load back
+    into the 4-bit parameters byte for byte, and their scales are the ones loading the input model gave."""
+    for state in weights:
+        for key in [k for k in state if QUANT_STATE_KEYS.search(k)]:
+            del state[key]
+
+
+def apply_lora(model, lora_cfg, task_type: str = "CAUSAL_LM", gradient_checkpointing: bool | None = None):
     """Wrap `model` with peft LoRA adapters when the stage config asks for them.
 
-    task_type: CAUSAL_LM for policies; SEQ_CLS for the reward model (its score head stays fully trained)."""
+    task_type: CAUSAL_LM for policies; SEQ_CLS for the reward model (its score head stays fully trained).
+    A 4-bit model (model.quantization: nf4) is prepared first (prepare_quantized), with gradient checkpointing
+    unless `gradient_checkpointing` is False: QLoRA's point is memory, and activations are most of it."""
     if lora_cfg is None:
         return model
+    # peft imported where it is used: it imports bitsandbytes when installed, after data.doctor (imported above)
+    # has quieted its import-time warning
+    from peft import LoraConfig, get_peft_model
+
+    if quantized_layers(model):
+        model = prepare_quantized(model, gradient_checkpointing is not False)
     cfg = LoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
                      target_modules=list(lora_cfg.target_modules), task_type=task_type)
     return get_peft_model(model, cfg)
+
+
+def gradient_checkpointing(model, on: bool | None) -> None:
+    """Activation checkpointing (recipe `gradient_checkpointing`): each decoder layer keeps only its input
+    and recomputes the rest in the backward, for about a third more compute; the memory of activations goes
+    from every layer's intermediates to one layer's. Non-reentrant (use_reentrant=False): it works with
+    frozen inputs, DDP's no_sync and ZeRO-3. A peft model (LoRA) also gets enable_input_require_grads, as
+    peft asks for checkpointing with a frozen embedding. Training mode only: the reference and eval passes
+    run as before. `model` may be an HF model or its peft wrapper. None (the recipe's default) leaves the
+    model as it is: off, or on where apply_lora prepared a 4-bit base (QLoRA)."""
+    if not on:
+        return
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(model, "peft_config"):
+        model.enable_input_require_grads()
 
 
 def fp32_master_weights(model, accelerator) -> int:
@@ -107,8 +220,9 @@ def init_special_embeddings(model, token_ids: list[int]) -> list[int]:
     return reset_untrained_rows(model, token_ids, gather=gathered)
 
 
-def save_model(model, tokenizer, out_dir: str | os.PathLike, accelerator=None) -> None:
+def save_model(model, tokenizer, out_dir: str | os.PathLike, accelerator=None, adapter_dir: str | os.PathLike | None = None) -> None:
     """Save an HF model (safetensors; LoRA merged) and its tokenizer atomically: to a temp dir, then rename.
+    With LoRA and `adapter_dir`, the adapters alone too (peft's adapter_model.safetensors + adapter_config.json).
 
     With `accelerator`, every process must call it: the full state dict is gathered from the prepared model
     that holds `model` (DDP, DeepSpeed ZeRO-2/3 with stage3_gather_16bit_weights_on_model_save, FSDP2; `model`
@@ -123,10 +237,10 @@ def save_model(model, tokenizer, out_dir: str | os.PathLike, accelerator=None) -
         model = accelerator.unwrap_model(model)
         if accelerator.is_main_process:
             state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-            _write_model(model, tokenizer, out_dir, state)
+            _write_model(model, tokenizer, out_dir, state, adapter_dir)
         accelerator.wait_for_everyone()
         return
-    _write_model(model, tokenizer, out_dir, None)
+    _write_model(model, tokenizer, out_dir, None, adapter_dir)
 
 
 def _prepared_holding(accelerator, model) -> tuple[object, str]:
@@ -140,10 +254,15 @@ def _prepared_holding(accelerator, model) -> tuple[object, str]:
     return model, ""
 
 
-def _write_model(model, tokenizer, out_dir: Path, state: dict | None) -> None:
+def _write_model(model, tokenizer, out_dir: Path, state: dict | None, adapter_dir: Path | None = None) -> None:
     if hasattr(model, "peft_config"):  # LoRA: merged into the base weights, from the (gathered) state dict
-        state = merge_lora_state(state if state is not None else model.state_dict(), model)
-        model = model.get_base_model()
+        state = state if state is not None else model.state_dict()
+        if adapter_dir is not None:
+            _write_adapter(model, state, Path(adapter_dir))
+        if quantized_layers(model):  # QLoRA: merged into the dequantized 4-bit base, saved as a plain model
+            state = dequantized_state(state, model)
+        state = merge_lora_state(state, model)
+        model = unquantized_twin(model.get_base_model())
     loaded = getattr(model.config, "dtype", None)  # the dtype it was loaded in (float32 masters are saved in it)
     loaded = getattr(torch, loaded) if isinstance(loaded, str) else loaded
     cast = loaded if isinstance(loaded, torch.dtype) and loaded != torch.float32 else None
@@ -163,6 +282,36 @@ def _write_model(model, tokenizer, out_dir: Path, state: dict | None) -> None:
     os.replace(tmp, out_dir)
 
 
+def unquantized_twin(model):
+    """`model` itself when it is not quantized; else the same architecture without its quantization config, on
+    the meta device (no memory), for save_pretrained to write a dequantized state dict as a plain model that
+    vLLM and the next stage load in `model.dtype` (a quantization_config left in config.json would make every
+    loader quantize again, or expect 4-bit weights)."""
+    if not quantized_layers(model):
+        return model
+    config = copy.deepcopy(model.config)
+    for key in ("quantization_config", "_pre_quantization_dtype"):
+        if hasattr(config, key):
+            delattr(config, key)
+    with torch.device("meta"):
+        twin = type(model)(config)
+    if getattr(model, "generation_config", None) is not None:  # a causal LM's (stop tokens); a reward model has none
+        twin.generation_config = copy.deepcopy(model.generation_config)
+    return twin
+
+
+def _write_adapter(peft_model, state: dict, adapter_dir: Path) -> None:
+    """The adapters (and a reward model's trained score head) as peft saves them, atomically, from the (gathered)
+    state dict: PeftModel.from_pretrained(base, adapter_dir) loads them onto the stage's input model (quantized
+    as the stage had it, for the same function)."""
+    tmp = adapter_dir.with_name(adapter_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    peft_model.save_pretrained(str(tmp), state_dict=state, safe_serialization=True)
+    if adapter_dir.exists():
+        shutil.rmtree(adapter_dir)
+    os.replace(tmp, adapter_dir)
+
+
 @torch.no_grad()
 def merge_lora_state(state: dict, peft_model) -> dict:
     """The base model's state dict with every LoRA adapter merged, W + (B @ A) * scaling, from a peft model's
@@ -171,6 +320,8 @@ def merge_lora_state(state: dict, peft_model) -> dict:
     Works on a gathered ZeRO-3 / FSDP state dict, where peft's in-place merge_and_unload cannot (the modules
     hold shards). Matches merge_and_unload (tested). modules_to_save copies (the reward head) replace their
     originals."""
+    from peft.tuners.lora import LoraLayer
+
     adapter = peft_model.active_adapter
     if getattr(peft_model.peft_config[adapter], "use_dora", False):
         raise ValueError("saving a DoRA model is not supported; use plain LoRA")

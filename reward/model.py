@@ -25,11 +25,9 @@ Two ways to lay out a preference row, both scored through `RewardScorer`:
       B             all      -        causal
 
   and each response's position ids restart at the prompt's end, so every token sees the same keys at
-  the same positions as in its own row: the scores equal separate rows (tests check 1e-5 in fp32).
-  Pad positions attend only to themselves (a fully masked row would give NaN) and nothing attends to them.
-  transformers passes a 4D mask through to the attention function untouched (`masking_utils`
-  `_preprocess_mask_arguments`); eager attention adds it to the scores, SDPA takes it as `attn_mask`, so
-  the mask is additive float: 0 = attend, finfo.min = masked.
+  the same positions as in its own row: the scores equal separate rows (tests check 1e-5 in fp32). The
+  layout and its additive float mask are core/packing.py's shared-prefix rows, which DPO's prefix sharing
+  uses too.
 """
 
 from __future__ import annotations
@@ -44,9 +42,10 @@ from torch import nn
 from transformers import AutoModelForSequenceClassification
 from transformers.utils import logging as hf_logging
 
+from core import packing
 from core.distributed import gathered
 from core.models import apply_lora as _apply
-from core.models import ModelFolderError, require_safetensors, torch_dtype
+from core.models import ModelFolderError, quantized_load, require_safetensors, torch_dtype
 
 from data.chat_format import Encoded
 from data.doctor import dropout_overrides
@@ -98,13 +97,16 @@ def check_reward_folder(path: str | os.PathLike) -> None:
 
 
 def init_reward_model(path: str | os.PathLike, pad_id: int, dtype: str = "float32", attn_implementation: str = "sdpa",
-                      seed: int = 0, dropout: float | None = 0.0) -> tuple[nn.Module, bool]:
+                      seed: int = 0, dropout: float | None = 0.0, quantization: str = "none",
+                      device=None) -> tuple[nn.Module, bool]:
     """A sequence-classification model from a causal LM (SFT or base) or reward model folder.
 
     Returns (model, new_head). A head missing from the checkpoint is initialised normal(0, 1/sqrt(hidden+1))
     from `seed`; a reward model's own head is kept. `dropout` (model.dropout): every dropout of its config
-    (None keeps the checkpoint's)."""
-    model, info = _load(path, dtype, attn_implementation, pad_token_id=pad_id, **dropout_overrides(path, dropout))
+    (None keeps the checkpoint's). `quantization` (model.quantization) nf4: the body's linear layers in 4 bits,
+    quantized on `device` as they load (core.models.quantized_load); the score head stays in `dtype`."""
+    model, info = _load(path, dtype, attn_implementation, pad_token_id=pad_id, **dropout_overrides(path, dropout),
+                        **quantized_load(quantization, device))
     model.config.pad_token_id = pad_id
     new_head = any(k.startswith("score.") for k in info["missing_keys"])
     if new_head:
@@ -116,18 +118,21 @@ def init_reward_model(path: str | os.PathLike, pad_id: int, dtype: str = "float3
     return model, new_head
 
 
-def load_reward_model(path: str | os.PathLike, dtype: str = "float32", attn_implementation: str = "sdpa") -> nn.Module:
-    """A trained reward model folder (as the reward stage saves it), in eval mode, for scoring."""
+def load_reward_model(path: str | os.PathLike, dtype: str = "float32", attn_implementation: str = "sdpa",
+                      quantization: str = "none", device=None) -> nn.Module:
+    """A trained reward model folder (as the reward stage saves it), in eval mode, for scoring; `quantization`
+    nf4: its body 4-bit, quantized on `device` as it loads (the head stays in `dtype`)."""
     check_reward_folder(path)
-    model, info = _load(path, dtype, attn_implementation)
+    model, info = _load(path, dtype, attn_implementation, **quantized_load(quantization, device))
     if any(k.startswith("score.") for k in info["missing_keys"]):  # a head saved under a name HF does not map
         raise ModelFolderError(f"{path}: not a trained reward model (no `score` head weights)")
     return model.eval()
 
 
-def apply_lora(model, lora_cfg):
-    """LoRA adapters for a sequence-classification model (peft task SEQ_CLS: the head stays fully trained)."""
-    return _apply(model, lora_cfg, task_type="SEQ_CLS")
+def apply_lora(model, lora_cfg, gradient_checkpointing: bool | None = None):
+    """LoRA adapters for a sequence-classification model (peft task SEQ_CLS: the head stays fully trained, in
+    float32 through fp32_master_weights, also on a 4-bit body)."""
+    return _apply(model, lora_cfg, task_type="SEQ_CLS", gradient_checkpointing=gradient_checkpointing)
 
 
 def hf_model(model) -> nn.Module:
@@ -180,74 +185,18 @@ def collate_separate(encs: list[Encoded], pad_id: int, side: str = "right", pad_
     return {"input_ids": ids, "attention_mask": attn, "position_ids": pos, "index": index}
 
 
-def split_prompt(encs: list[Encoded]) -> tuple[list[int], list[list[int]]]:
-    """(shared prompt ids, each response's ids): the longest common prefix of the encodings, cut at the
-    earliest `prompt_len` (the prompt with its assistant header), and what follows it in each."""
-    first = encs[0].input_ids
-    n = min(e.prompt_len for e in encs)
-    for e in encs[1:]:
-        k = 0
-        while k < n and e.input_ids[k] == first[k]:
-            k += 1
-        n = k
-    return first[:n], [e.input_ids[n:] for e in encs]
-
-
-def one_row_layout(encs: list[Encoded], rng: random.Random | None = None) -> tuple[list[int], list[int], list[int], list[int]]:
-    """One preference row as (ids, segment, positions, reward position of each response in `encs` order).
-
-    segment: 0 for the prompt, k >= 1 for the k-th response placed; the placement order is shuffled by
-    `rng` (None keeps the given order). Responses must be non-empty."""
-    prompt, responses = split_prompt(encs)
-    if any(len(r) == 0 for r in responses):
-        raise ValueError("one-row layout: a response is empty after the shared prompt (identical encodings?)")
-    order = list(range(len(encs)))
-    if rng is not None:
-        rng.shuffle(order)
-    P = len(prompt)
-    ids, seg, pos = list(prompt), [0] * P, list(range(P))
-    where = [0] * len(encs)
-    for k, j in enumerate(order, start=1):
-        r = responses[j]
-        ids += r
-        seg += [k] * len(r)
-        pos += range(P, P + len(r))
-        where[j] = len(ids) - 1
-    return ids, seg, pos, where
-
-
-def one_row_mask(seg: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Additive 4D mask [B, 1, T, T] from segment ids [B, T] (0 prompt, k response k, -1 pad).
-
-    allowed[q, k] = k <= q and (seg[k] == 0 or seg[k] == seg[q]) and both real; pads see only themselves."""
-    T = seg.shape[1]
-    causal = torch.ones(T, T, dtype=torch.bool).tril()  # [T, T]
-    sq, sk = seg[:, :, None], seg[:, None, :]  # [B, T, 1], [B, 1, T]
-    allowed = causal & ((sk == 0) | (sk == sq)) & (sq >= 0) & (sk >= 0)  # [B, T, T]
-    allowed |= torch.eye(T, dtype=torch.bool) & (sq < 0)
-    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
-    return mask[:, None]
-
-
 def collate_one_row(groups: list[list[Encoded]], pad_id: int, dtype: torch.dtype = torch.float32,
                     rng: random.Random | None = None, pad_to: int = 0) -> dict:
-    """One row per group (a prompt's 2-3 responses), right-padded. Rewards come out group by group, in
-    each group's given order, whatever the shuffled placement."""
-    rows = [one_row_layout(g, rng) for g in groups]
-    T = max(max(len(r[0]) for r in rows), pad_to)
-    B = len(rows)
-    ids = torch.full((B, T), pad_id, dtype=torch.long)
-    seg = torch.full((B, T), -1, dtype=torch.long)
-    pos = torch.zeros((B, T), dtype=torch.long)
-    index = []
-    for b, (r_ids, r_seg, r_pos, where) in enumerate(rows):
-        n = len(r_ids)
-        ids[b, :n] = torch.tensor(r_ids)
-        seg[b, :n] = torch.tensor(r_seg)
-        pos[b, :n] = torch.tensor(r_pos)
-        index += [(b, w) for w in where]
-    return {"input_ids": ids, "attention_mask": one_row_mask(seg, dtype), "position_ids": pos,
-            "index": torch.tensor(index, dtype=torch.long)}
+    """One row per group (a prompt's 2-3 responses), right-padded: core.packing's shared-prefix row, the
+    placement of the responses shuffled by `rng`. Rewards come out group by group, in each group's given
+    order, whatever the placement: index [N, 2] (row, position of each response's last token)."""
+    if any(len(r) == 0 for g in groups for r in packing.split_prompt(g)[1]):  # its reward would be the prompt's
+        raise ValueError("one-row layout: a response is empty after the shared prompt (identical encodings?)")
+    rows = [packing.prefix_row(g, rng) for g in groups]
+    batch = packing.collate_rows(rows, pad_id, dtype, pad_to)  # input_ids, position_ids, attention_mask [B, 1, T, T]
+    index = [(b, w[-1]) for b, r in enumerate(rows) for w in r.where]
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+            "position_ids": batch["position_ids"], "index": torch.tensor(index, dtype=torch.long)}
 
 
 def model_dtype(model) -> torch.dtype:

@@ -16,7 +16,8 @@ Setup -> loop -> save -> eval:
   of the whole optimizer step (all micro-batches and all processes), so gradient accumulation equals one
   big batch. No margin by default (Llama 3); `margin: true` adds Llama 2's (reward/loss.py says which).
 - saves an HF reward model (safetensors, LoRA merged) in `model/`, which the sampling stage loads with
-  `reward.model.load_reward_model` and scores with `reward.model.score_sequences`.
+  `reward.model.load_reward_model` and scores with `reward.model.score_sequences`; with LoRA the adapters and
+  the score head in `adapter/` too.
 - eval (held-out preferences, separate rows, as sampling scores): `rm_accuracy` over all ordered pairs,
   by category and by pair type, reward-gap statistics, accuracy by |gap| bucket (calibration), and the
   per-pair rewards in `eval_rewards.json`.
@@ -194,12 +195,14 @@ def main(recipe, out_dir: Path, inputs: dict) -> dict:
         accelerator.print(f"warning: {no_eot} responses do not end in <|eot_id|> or <|eom_id|> (truncated); their reward is read at their last token")
 
     model, new_head = init_reward_model(inputs["model"], fmt.pad_id, recipe.model.dtype, seed=recipe.seed,
-                                        dropout=recipe.model.dropout)
+                                        dropout=recipe.model.dropout, quantization=recipe.model.quantization,
+                                        device=accelerator.device)
     # from any init (sft, base, a path): untrained special rows of the backbone -> the mean embedding
     reset = models.init_special_embeddings(model, sorted(template_ids(fmt))) if cfg.init_special_embeddings else []
     accelerator.print(f"reward model from {inputs['model']}: {'new' if new_head else 'existing'} scalar head; "
                       f"{len(examples)} rows, {n_pairs} pairs, layout {'one row' if cfg.one_row else 'separate rows'}")
-    model = apply_lora(model, cfg.lora)
+    model = apply_lora(model, cfg.lora, gradient_checkpointing=cfg.gradient_checkpointing)
+    models.gradient_checkpointing(model, cfg.gradient_checkpointing)  # activations recomputed in the backward
     scorer = RewardScorer(model)
     models.fp32_master_weights(scorer, accelerator)  # bf16 compute, float32 updates
     scorer.train()
@@ -247,7 +250,9 @@ def main(recipe, out_dir: Path, inputs: dict) -> dict:
     if accelerator.is_main_process and eval_records:
         eval_examples = build_examples(eval_records, fmt, cfg.margin_per_rank)
         with distributed.local_load(accelerator):
-            rm = load_reward_model(out_dir / "model", recipe.model.dtype).to(accelerator.device)  # as sampling loads it
+            # as sampling loads it (nf4: 4-bit again, as it trained: a 70B in bf16 would not fit beside the training state)
+            rm = load_reward_model(out_dir / "model", recipe.model.dtype, quantization=recipe.model.quantization,
+                                   device=accelerator.device).to(accelerator.device)
         eval_metrics, eval_pairs = evaluate(rm, fmt, eval_examples, cfg.eval_batch_size)
         metrics.update(eval_metrics)
         metrics["eval_data"] = eval_report.to_dict()

@@ -65,9 +65,9 @@ def test_init_is_ln2_plus_nll(tiny):
     _, batch = pairs_of(fmt, sets["preference"], n=4)
     B = batch["input_ids"].shape[0] // 2
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    pc, pr = full_logps(logits, batch["input_ids"], batch["loss_mask"]).chunk(2)
+    pc, pr = full_logps(logits, batch["input_ids"], batch["chosen_mask"] + batch["rejected_mask"]).chunk(2)
     rc, rr = dpo.reference_logps(batch, ref_model=model)
-    nll_sum, n_tok = -pc.sum(), batch["loss_mask"][:B, 1:].sum()
+    nll_sum, n_tok = -pc.sum(), batch["chosen_mask"][:B, 1:].sum()
     loss, losses, cr, rj = dpo_nll_loss(pc, pr, rc, rr, 0.1, 0.2, n_chosen_tokens=n_tok)
     assert torch.allclose(losses, torch.full_like(losses, LN2), atol=1e-6, rtol=0)
     assert torch.allclose(cr, torch.zeros_like(cr), atol=1e-7) and torch.allclose(rj, torch.zeros_like(rj), atol=1e-7)
@@ -103,29 +103,29 @@ def test_formatting_tokens_get_no_gradient(tiny, mask, nll_mask):
     fmt, _, _, _, sets = tiny
     pairs, _ = dpo.build_pairs(sets["preference"][:3], fmt, 256)
     batch = dpo.collate_pairs(pairs, fmt.pad_id, mask, nll_mask)
-    ids, lm = batch["input_ids"], batch["loss_mask"]
+    ids, lm = batch["input_ids"], batch["chosen_mask"] + batch["rejected_mask"]
     B = len(pairs)
+    assert not batch["chosen_mask"][B:].any() and not batch["rejected_mask"][:B].any() and not batch["nll_mask"][B:].any()
     # what the DPO term sees: exactly the completion's non-formatting tokens (+ eot when mask is off)
     for row, enc in enumerate([c for c, _ in pairs] + [r for _, r in pairs]):
         for t, tok in enumerate(enc.input_ids):
             want = t >= enc.prompt_len and (tok not in fmt.formatting_ids or (not mask and tok == fmt.eot_id))
             assert lm[row, t] == int(want), (row, t, tok)
     eot_trained = not (mask and nll_mask)
-    assert torch.equal(batch["nll_mask"], lm[:B]) == (not mask or nll_mask)
+    assert torch.equal(batch["nll_mask"][:B], lm[:B]) == (not mask or nll_mask)
     torch.manual_seed(0)
     logits = torch.randn(*ids.shape, 40, requires_grad=True)
     ids_small = ids % 40  # a 40-token toy vocabulary keeps it small; masks are what is tested
     batch = {**batch, "input_ids": ids_small}
     ref = torch.randn(2, B)
 
-    def total(lg):  # the stage's own code path, on given logits
-        pc, pr, pc_nll = dpo.pair_logps(lambda **_: SimpleNamespace(logits=lg), batch, nll=True)
+    def total(lg):  # the stage's own code path, on given logits (at the positions it asks for)
+        pc, pr, pc_nll = dpo.pair_logps(lambda logits_to_keep, **_: SimpleNamespace(logits=lg[:, logits_to_keep]), batch, nll=True)
         n = batch["nll_mask"][:, 1:].sum()
         return dpo_nll_loss(pc, pr, ref[0], ref[1], 0.1, 0.2, n_chosen_tokens=n, chosen_nll_logps=pc_nll)[0]
 
     total(logits).backward()
-    counted = lm.bool().clone()
-    counted[:B] |= batch["nll_mask"].bool()
+    counted = lm.bool() | batch["nll_mask"].bool()
     scored = torch.zeros_like(counted)
     scored[:, :-1] = counted[:, 1:]  # position t scores token t + 1
     assert (logits.grad[~scored] == 0).all()
@@ -158,7 +158,7 @@ def test_matches_trl_sigmoid_plus_sft(tiny, tmp_path):
     with torch.no_grad():
         pc, pr = dpo.pair_logps(model, batch)
         rc, rr = dpo.reference_logps(batch, ref_model=other)
-        n_tok = batch["loss_mask"][: len(pairs), 1:].sum()
+        n_tok = batch["chosen_mask"][:, 1:].sum()
         ours = float(dpo_nll_loss(pc, pr, rc, rr, cfg.beta, cfg.nll_weight, n_chosen_tokens=n_tok)[0])
 
     args = TRLConfig(output_dir=str(tmp_path), loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.2], beta=0.1,
@@ -172,7 +172,8 @@ def test_matches_trl_sigmoid_plus_sft(tiny, tmp_path):
         assert ds[i]["prompt_ids"] == c.input_ids[: c.prompt_len]
         assert ds[i]["chosen_ids"] == c.input_ids[c.prompt_len:] and ds[i]["rejected_ids"] == r.input_ids[r.prompt_len:]
     tb = trainer.data_collator([ds[i] for i in range(len(rows))])
-    assert torch.equal(tb["input_ids"], batch["input_ids"]) and torch.equal(tb["completion_mask"], batch["loss_mask"])
+    assert torch.equal(tb["input_ids"], batch["input_ids"])
+    assert torch.equal(tb["completion_mask"], batch["chosen_mask"] + batch["rejected_mask"])
     with torch.no_grad():
         theirs = float(trainer.compute_loss(trainer.model, tb))
     assert abs(ours - LN2 - 0.2 * float(-pc.sum() / n_tok)) > 1e-3  # a real DPO term, not ln 2

@@ -51,3 +51,85 @@ def test_completion_logps_runs_the_model_once(tiny_fmt, tiny_lm):
         (got,) = completion_logps(model, ids, torch.ones_like(ids), [mask])
         want = full_logps(model(input_ids=ids).logits, ids, mask)
     assert got.item() == pytest.approx(want.item(), abs=1e-6)
+
+
+# -- logits only where they count ---------------------------------------------------------------------------
+CONVS = [
+    [{"role": "user", "content": "what sound does a cow make?"}, {"role": "assistant", "content": "moo"}],
+    [{"role": "user", "content": "what color is a banana?"}, {"role": "assistant", "content": "Sure! Here it is: yellow"}],
+    [{"role": "user", "content": "what is the opposite of hot?"}, {"role": "assistant", "content": "cold"},
+     {"role": "user", "content": "and of up?"}, {"role": "assistant", "content": "down. Hope this helps!"}],
+]
+
+
+def _lm_head_rows(model):
+    """Records the number of positions the LM head runs on, per forward."""
+    seen = []
+    head = model.get_output_embeddings()
+    head.register_forward_hook(lambda m, inp, out: seen.append(inp[0].shape[1]))
+    return seen
+
+
+def _value_and_grads(model, fn):
+    model.zero_grad(set_to_none=True)
+    vals = fn()
+    sum(v.sum() for v in vals).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return [v.detach() for v in vals], grads
+
+
+@pytest.mark.parametrize("wrap", ["plain", "lora", "accelerate"])
+def test_lm_head_only_at_trained_positions_equals_the_full_path(tiny_fmt, tiny_lm, wrap):
+    """completion_logps runs the LM head at the union over the batch of the positions that predict a trained
+    token (logits_to_keep), and gives the full path's values (1e-6) and gradients, through a peft LoRA wrapper
+    and accelerate's prepared model too (both pass the keyword arguments on)."""
+    from data.chat_format import collate
+
+    model = tiny_lm(tiny_fmt)
+    if wrap == "lora":
+        from core.config import LoraConfig
+        from core.models import apply_lora
+
+        model = apply_lora(model, LoraConfig(r=4, alpha=8, dropout=0.0))
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.05)  # B starts at 0: make the adapters count
+    seen = _lm_head_rows(model)
+    if wrap == "accelerate":
+        from accelerate import Accelerator
+
+        model = Accelerator(cpu=True).prepare(model)
+    encs = [tiny_fmt.encode(c) for c in CONVS]
+    batch = collate(encs, tiny_fmt.pad_id, "assistant")
+    ids, attn = batch["input_ids"], batch["attention_mask"]
+    completion = collate(encs, tiny_fmt.pad_id, "completion")["loss_mask"]  # a second mask: the final turn only
+    masks = [batch["loss_mask"], completion]
+
+    got, g_got = _value_and_grads(model, lambda: completion_logps(model, ids, attn, masks))
+    kept = seen[-1]
+    want, g_want = _value_and_grads(model, lambda: [full_logps(model(input_ids=ids, attention_mask=attn).logits, ids, m) for m in masks])
+    T = ids.shape[1]
+    predicting = (torch.stack(masks).amax(0)[:, 1:] > 0).any(0).sum().item()  # positions t predicting a trained t + 1
+    assert seen[-1] == T and kept == predicting < T / 2  # the full path ran T positions; ours far fewer
+    for g, w in zip(got, want):  # sums of ~20 log-probs of ~-5: float32 rounding is ~1e-6 relative
+        torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6)
+    assert g_got.keys() == g_want.keys() and g_got
+    for n in g_want:  # equal up to float32 rounding, relative to the tensor's largest gradient
+        assert (g_got[n] - g_want[n]).abs().max() <= 1e-5 * g_want[n].abs().max(), n
+
+
+def test_prev_pos_reads_the_given_predicting_position():
+    """A packed row's token is predicted by the position prev_pos names, not necessarily t - 1."""
+    torch.manual_seed(2)
+    logits = torch.randn(1, 6, 11)
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6]])
+    prev = torch.tensor([[-1, 0, 1, 2, 1, 4]])  # token 4 follows token 1 on its own path
+    mask = torch.tensor([[1, 0, 0, 1, 1, 1]])  # token 0 is predicted by nothing: never counts
+    (got,) = gather_logps(logits, ids, [mask], prev_pos=prev)
+    lp = logits.log_softmax(-1)[0]
+    want = lp[2, 4] + lp[1, 5] + lp[4, 6]
+    assert got.item() == pytest.approx(want.item(), abs=1e-6)
+    kept = torch.tensor([1, 2, 4])  # the same from logits computed at those positions only
+    (again,) = gather_logps(logits[:, kept], ids, [mask], prev_pos=prev, kept=kept)
+    assert again.item() == pytest.approx(want.item(), abs=1e-6)
