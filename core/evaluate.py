@@ -94,10 +94,11 @@ def evaluate_policy(model, fmt: ChatFormat, records: list[dict], cfg, seed: int 
 
 
 def evaluate_saved_policy(accelerator, out_dir: Path, recipe, fmt, eval_prompts) -> dict:
-    """A training stage's policy, as saved in out_dir/model: its gold-judge figures on the eval prompts, and
-    its answers in out_dir/eval_responses.jsonl (the eval stage scores them). Main process only; {} when
-    there are no eval prompts. Every process may call it. The eval prompts' validation report goes into the
-    figures (`eval_prompts_data`): a bad eval record is counted there, not lost."""
+    """A training stage's policy, as saved in out_dir/model (4-bit again with model.quantization nf4): its
+    gold-judge figures on the eval prompts, and its answers in out_dir/eval_responses.jsonl (the eval stage
+    scores them). Main process only; {} when there are no eval prompts. Every process may call it. The eval
+    prompts' validation report goes into the figures (`eval_prompts_data`): a bad eval record is counted
+    there, not lost."""
     if not (accelerator.is_main_process and eval_prompts):
         return {}
     prompts, report = load_prompts(eval_prompts)
@@ -105,7 +106,10 @@ def evaluate_saved_policy(accelerator, out_dir: Path, recipe, fmt, eval_prompts)
         for line in report.lines()[:20]:
             print(line, file=sys.stderr)
     with local_load(accelerator):  # this process alone: no ZeRO-3 sharding, no synced generation
-        policy = load_causal_lm(out_dir / "model", recipe.model.dtype).to(accelerator.device)
+        # nf4 (QLoRA): loaded 4-bit, as it trained: a 70B policy in bf16 (141 GB) would not fit beside the
+        # stage's own sharded training state on the main process's GPU
+        policy = load_causal_lm(out_dir / "model", recipe.model.dtype, quantization=recipe.model.quantization,
+                                device=accelerator.device).to(accelerator.device)
         metrics = evaluate_policy(policy, fmt, prompts, recipe.eval, seed=recipe.seed)
     write_jsonl(out_dir / "eval_responses.jsonl", metrics.pop("responses"))
     return {**metrics, "eval_prompts_data": report.to_dict()}

@@ -33,6 +33,8 @@ Every finding has a code, one line, and what to do:
     dtype              warning   float16 on a model trained in bfloat16 (activations overflow)
     pickle_weights     error     no *.safetensors, only pickle weights (*.bin, ...)
     dropout            warning   the model config has dropout > 0 (the stages set model.dropout, default 0)
+    quantization       error     the recipe's model.quantization is nf4 and bitsandbytes is missing or has no
+                                 backend for this machine's device (nf4_problem: the recipe loader's check too)
     data_special_tokens warning  records with special-token strings in their content (rejected)
     data_overlong      warning   the share of records longer than max_length (dropped)
     data_empty         warning   records with an empty turn (rejected)
@@ -49,7 +51,9 @@ Data checks go through the validator (data/validate.py); this module adds no rul
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import logging
 import os
 import sys
 from dataclasses import asdict, dataclass, field
@@ -63,6 +67,11 @@ ERROR, WARNING = "error", "warning"
 TRAINING = ("sft", "reward", "dpo")  # the stages that reset untrained special rows themselves
 DEFAULT_DROPOUT = 0.0  # model.dropout: what the stages set every dropout of the policy's config to
 PICKLES = ("*.bin", "*.pt", "*.pth", "*.ckpt")
+
+# bitsandbytes (model.quantization nf4; peft imports it too, when it is installed) warns on a CPU, at import, that
+# the optional `kernels` package (a faster CPU matmul) is missing: its own CPU kernels run. Kept off stderr, where a
+# stage's one `error:` line goes; set here, in the module every entry point imports before bitsandbytes.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 class DoctorError(ChatFormatError):
@@ -89,6 +98,7 @@ class Settings:
     date: str | None = None  # model.template_date
     dtype: str | None = None  # model.dtype
     dropout: float | None = DEFAULT_DROPOUT  # model.dropout
+    quantization: str = "none"  # model.quantization
     max_lengths: dict = field(default_factory=dict)  # "sft.max_length" -> value
     resets_embeddings: bool = False  # the stage about to run resets untrained special rows itself
     source: str = ""  # where these came from, for messages
@@ -103,6 +113,7 @@ class Settings:
         lengths = {f"{s}.max_length": (recipe.get(s) or {}).get("max_length") for s in stages}
         return cls(template=model.get("chat_template", DEFAULT_TEMPLATE), date=model.get("template_date", DEFAULT_DATE),
                    dtype=model.get("dtype"), dropout=model.get("dropout", DEFAULT_DROPOUT),
+                   quantization=model.get("quantization") or "none",
                    max_lengths={k: v for k, v in lengths.items() if isinstance(v, int)},
                    resets_embeddings=stage in TRAINING and (recipe.get(stage) or {}).get("init_special_embeddings", True),
                    source=source)
@@ -131,6 +142,48 @@ def dropout_overrides(path: str | os.PathLike, p: float | None) -> dict:
     if p is None:
         return {}
     return {k: p for k in _dropout_values(_json(Path(path) / "config.json"))}
+
+
+@functools.lru_cache(maxsize=None)
+def nf4_problem(device: str | None = None) -> str | None:
+    """Why `model.quantization: nf4` cannot run on this machine, in one line; None when it can. The one check:
+    the recipe loader (core.config) refuses nf4 with it and the doctor reports it (code `quantization`).
+
+    nf4 needs bitsandbytes with a backend for the device the stages train on (`device`; default cuda when torch
+    sees a GPU, else cpu): on a GPU its native CUDA/ROCm library must have loaded for this torch's CUDA (else
+    bitsandbytes keeps a stub that fails at the first matmul, minutes into a stage); on a CPU (recent releases)
+    a 4-bit round trip must give the values back. Cached: one import of bitsandbytes per process."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return ("bitsandbytes is not installed (an optional dependency: pip install bitsandbytes, or "
+                "make install, whose cpu and gpu extras have it)")
+    except Exception as e:  # noqa: BLE001 - a broken install (a native library that does not load, ...)
+        return f"bitsandbytes does not import: {type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
+    import torch
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    version = getattr(bnb, "__version__", "?")
+    if device not in getattr(bnb, "supported_torch_devices", {"cuda"}):  # older releases: CUDA only
+        return f"bitsandbytes {version} has no {device} backend (the version make install pins runs nf4 on CPUs too)"
+    if device == "cuda":
+        from bitsandbytes import cextension
+
+        if cextension.BNB_BACKEND not in ("CUDA", "ROCm") or isinstance(cextension.lib, cextension.ErrorHandlerMockBNBNativeLibrary):
+            return (f"bitsandbytes {version} has no CUDA backend here (its backend: {cextension.BNB_BACKEND}; torch CUDA "
+                    f"{torch.version.cuda}): install a bitsandbytes wheel built for this CUDA")
+        return None
+    try:
+        import bitsandbytes.functional as bnb_f
+
+        x = torch.linspace(-1, 1, 128, device=device).reshape(2, 64).to(torch.bfloat16)
+        packed, state = bnb_f.quantize_4bit(x, quant_type="nf4", quant_storage=torch.bfloat16)
+        err = float((bnb_f.dequantize_4bit(packed, state).float() - x.float()).abs().max())
+    except Exception as e:  # noqa: BLE001 - whatever the backend raises: one line
+        return f"bitsandbytes {version}'s {device} backend fails: {type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
+    if not err < 0.2:  # nf4's levels are <= 0.31 x the block's absmax apart: a round trip errs by half that at most
+        return f"bitsandbytes {version}'s {device} backend returns wrong nf4 values (round-trip error {err:.3g})"
+    return None
 
 
 def _dropout_values(config: dict) -> dict:
@@ -187,6 +240,9 @@ def diagnose(target: str | os.PathLike, settings: Settings | None = None, data: 
                 "convert once, where the model is trusted: from_pretrained(...).save_pretrained(OUT, safe_serialization=True)"
                 " (pickles can run code and are never loaded here)")
 
+    if s.quantization == "nf4" and (why := nf4_problem()):
+        add("quantization", ERROR, f"model.quantization nf4: {why}",
+            "install bitsandbytes for this machine's device, or model.quantization: none")
     fmt = _tokenizer(target, s, add)
     if fmt is None:
         return found, None
