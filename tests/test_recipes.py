@@ -30,7 +30,8 @@ HUB_NAME = re.compile(r"^[\w.-]+/[\w.-]+(:[\w.-]+(\[[\d:%]*\])?)?$")
 def test_the_expected_files_exist():
     assert {p.stem for p in LAUNCHERS} == set(KINDS)
     assert {p.name for p in REAL} == {"llama-3.2-1b-instruct-lora.yaml", "llama-3.2-1b-instruct-full.yaml",
-                                      "llama-3.1-8b-instruct-lora.yaml", "llama-3.1-8b-instruct-full.yaml"}
+                                      "llama-3.1-8b-instruct-lora.yaml", "llama-3.1-8b-instruct-full.yaml",
+                                      "llama-3.1-8b-instruct-qlora.yaml", "llama-3.1-70b-instruct-qlora.yaml"}
     assert (ROOT / "recipes" / "gpu-smoke.yaml").exists()
 
 
@@ -80,17 +81,22 @@ def test_recipe_loads_and_its_paths_resolve(path):
 @pytest.mark.parametrize("path", REAL, ids=lambda p: p.stem)
 def test_real_model_recipes_use_llama3_hyperparameters(path):
     r = load_recipe(path)
-    size = "8b" if "8b" in path.name else "1b"
-    assert r.model.name_or_path == {"8b": "meta-llama/Llama-3.1-8B-Instruct", "1b": "meta-llama/Llama-3.2-1B-Instruct"}[size]
+    size = next(s for s in ("70b", "8b", "1b") if f"-{s}-" in path.name)
+    assert r.model.name_or_path == {"70b": "meta-llama/Llama-3.1-70B-Instruct", "8b": "meta-llama/Llama-3.1-8B-Instruct",
+                                    "1b": "meta-llama/Llama-3.2-1B-Instruct"}[size]
     assert r.model.dtype == "bfloat16" and r.task.kind == "files"
     assert r.dpo.mask_special_tokens is True and r.dpo.nll_mask_special_tokens is True  # formatting masked everywhere
     assert 10 <= r.sampling.k <= 30  # Llama 3: K from 10 to 30
-    lora = path.stem.endswith("-lora")
+    qlora = path.stem.endswith("-qlora")
+    lora = qlora or path.stem.endswith("-lora")
+    assert r.model.quantization == ("nf4" if qlora else "none")
     for stage in (r.sft, r.reward, r.dpo):
         assert (stage.lora is not None) == lora
         assert stage.lr == (1.0e-4 if lora else 1.0e-5)  # Llama 3's 1e-5; LoRA 10x
         assert stage.max_length >= 2048 and stage.save_every > 0
-    if lora:
+    if qlora:  # one GPU, or FSDP2 (it shards the 4-bit weights; DDP would copy them)
+        assert r.launch.launcher in ("single", "fsdp2")
+    elif lora:
         assert r.launch.launcher in ("single", "ddp")
     else:
         assert r.launch.launcher == "zero3"
@@ -117,6 +123,27 @@ def test_every_recipe_names_its_chat_template(path):
     expected = "llama3.1" if re.search(r"Llama-3\.[123]", name) else "llama3"
     assert r.model.chat_template == expected, f"{path.name}: {name} needs model.chat_template: {expected}"
     assert r.model.template_date == "26 Jul 2024" and r.model.dropout == 0.0
+
+
+@pytest.mark.parametrize("path", [p for p in REAL if p.stem.endswith("-qlora")], ids=lambda p: p.stem)
+def test_qlora_recipes(path):
+    """nf4 with LoRA on every stage (the loader refuses anything else), a launcher that keeps the 4-bit weights
+    whole: one GPU, or FSDP2 whose bf16 mixed precision equals the packed weights' bf16 storage (a cast would
+    turn their bits into other numbers); the 70B's memory stays a stated expectation until measured."""
+    r = load_recipe(path)
+    assert r.model.quantization == "nf4" and r.model.dtype == "bfloat16"
+    assert all(getattr(r, s).lora is not None for s in ("sft", "reward", "dpo"))
+    launcher = yaml.safe_load((ROOT / "recipes" / "accelerate" / f"{r.launch.launcher}.yaml").read_text())
+    assert launcher["mixed_precision"] == "bf16"
+    if r.launch.launcher == "fsdp2":
+        assert launcher["fsdp_config"]["fsdp_cpu_ram_efficient_loading"] is False  # each process quantizes on its GPU
+        assert launcher["fsdp_config"]["fsdp_activation_checkpointing"] is False  # the stages checkpoint (nf4's default)
+    if "70b" in path.name:
+        assert (r.launch.launcher, r.launch.gpus) == ("fsdp2", 2) and "to be measured" in path.read_text()
+    else:
+        assert (r.launch.launcher, r.launch.gpus) == ("single", 1)
+    with pytest.raises(ConfigError, match="needs 'dpo.lora'"):
+        load_recipe(path, ["dpo.lora=null"])
 
 
 def test_gpu_smoke_is_a_llama_3_2_1b_shape():
