@@ -13,20 +13,9 @@ import pytest
 
 from data.chat_format import (CHAT_TEMPLATE, CHAT_TEMPLATE_31, ChatFormat, ChatFormatError, Encoded, chat_template,
                               load_tokenizer, render, saved_chat_template, template_family, tool_args)
+from tests.conftest import A, S, U
 
 BOS_ID, EOS_ID, PAD_ID, START_ID, END_ID, EOM_ID, EOT_ID, PYTHON_TAG_ID = 128000, 128001, 128004, 128006, 128007, 128008, 128009, 128010
-
-
-def U(text):
-    return {"role": "user", "content": text}
-
-
-def A(text):
-    return {"role": "assistant", "content": text}
-
-
-def S(text):
-    return {"role": "system", "content": text}
 
 
 def CALL(name, **arguments):  # the HF convention for an assistant's tool call
