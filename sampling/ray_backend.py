@@ -40,7 +40,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from core.config import ConfigError, SamplingConfig
 from core.tracking import progress
 from data.io import write_jsonl
-from sampling.sample import SHARD_FMT, engine_env, load_engines, sample_shard, with_device
+from sampling.engine import SHARD_FMT, engine_env, load_engines, sample_shard, with_device
 
 MAX_RESTARTS = 3  # Ray's restarts of one actor: a new process, its engine loaded again
 MAX_REPLACEMENTS = 2  # new actors per engine once Ray's restarts are spent (or after ray.kill)

@@ -157,7 +157,7 @@ def test_format_ids_of_the_two_families(llama31_fmt, llama3_fmt):
 
 # -- eom end to end: a sampled candidate that stopped on <|eom_id|> -------------------------------------------
 def test_a_completion_that_stops_on_eom_keeps_it(llama31_fmt):
-    from sampling.sample import normalize_completion
+    from sampling.engine import normalize_completion
 
     f = llama31_fmt
     messages, kw = CONVERSATIONS["builtin_tool_eom"]

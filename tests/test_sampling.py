@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from sampling.sample import build_plan, normalize_completion, read_jsonl, shard_ok, shards_of
+from sampling.engine import normalize_completion
+from sampling.sample import build_plan, read_jsonl, shard_ok, shards_of
 from sampling.select import Selection, best_index, prompt_rng, select, select_all, worst_index
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -110,7 +111,8 @@ def test_a_shard_whose_engine_stops_on_eom(llama31_fmt, tmp_path, monkeypatch):
 
     from core.config import SamplingConfig
     from data.validate import load_preferences
-    from sampling.sample import generate_shard, write_outputs
+    from sampling.engine import generate_shard
+    from sampling.sample import write_outputs
 
     f = llama31_fmt
     monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(SamplingParams=lambda **kw: kw))
@@ -365,7 +367,7 @@ def test_engine_kwargs_cpu_and_gpu():
     from dataclasses import asdict
 
     from core.config import SamplingConfig
-    from sampling.sample import engine_kwargs
+    from sampling.engine import engine_kwargs
 
     spec = {"cfg": asdict(SamplingConfig(seed=3)), "policy": "/p", "dtype": "float32", "max_model_len": 8000, "cpu": True}
     kw = engine_kwargs(spec)

@@ -32,7 +32,7 @@ def test_engine_shape_and_config():
     per node, CPU clusters one engine per node unless cpus_per_engine says otherwise."""
     from core.config import ConfigError, SamplingConfig, load_recipe
     from sampling.ray_backend import engine_shape
-    from sampling.sample import engine_kwargs
+    from sampling.engine import engine_kwargs
 
     gpu = [{"CPU": 64.0, "GPU": 8.0}, {"CPU": 64.0, "GPU": 8.0}, {"CPU": 8.0}]  # a CPU head node and two 8-GPU nodes
     assert engine_shape(gpu, SamplingConfig(tensor_parallel=4)) == ({"GPU": 4, "CPU": 1}, 4)
