@@ -254,20 +254,11 @@ def run_arm(spec: dict) -> dict:
             seen["save_seconds"] = round(time.perf_counter() - t0, 1)
 
     checkpoints.save_model = measured_save
-    if stage == "dpo":
-        from alignment.dpo import main
-    else:
-        from alignment.sft import main
-    out_dir = Path(spec["out_dir"])
-    shutil.rmtree(out_dir, ignore_errors=True)
-    m = main(recipe, out_dir, {"model": spec["model"], "data": spec["data"]})
+    m, entry = ts.run_stage(stage, recipe, spec)
     cfg = getattr(recipe, stage)
     return {
-        "tokens_per_s": m["throughput"], "examples_per_s": m["examples_per_s"], "steps_timed": m["steps_timed"],
-        "warmup_steps": m["warmup_steps_excluded"], "timed_seconds": m["steady_seconds"],
-        "train_seconds": m["train_seconds"], "peak_gib": m.get("peak_gpu_mem_gb"), "peak_gib_process": process_peak(),
-        "final_loss": m.get("final_loss"), **seen,
-        "flags": {"entry": f"{main.__module__}.main", "overrides": overrides, "quantization": recipe.model.quantization,
+        **ts.stage_figures(m, process_peak), **seen,
+        "flags": {"entry": entry, "overrides": overrides, "quantization": recipe.model.quantization,
                   "gradient_checkpointing": seen["gradient_checkpointing"], "lora": ts.LORA, "saved": spec["save"],
                   "lr": cfg.lr, "weights": ("base in nf4 (bf16 storage), " if nf4 else "frozen base in bf16, ")
                   + "LoRA adapters in float32; bf16 autocast (accelerate mixed_precision)"},

@@ -308,6 +308,29 @@ def project_options(stage: str, bench: dict, plain: bool, pack_tokens: int | Non
             "gradient_checkpointing": stage == "dpo_lora_8b" and not plain}
 
 
+def run_stage(section: str, recipe, spec: dict) -> tuple[dict, str]:
+    """(child) The project's stage `main(recipe, out_dir, inputs)` as the pipeline calls it, into a fresh
+    out_dir: (its metrics, the entry point's name). bench/qlora.py runs its arms through it too."""
+    if section == "dpo":
+        from alignment.dpo import main
+    elif section == "sft":
+        from alignment.sft import main
+    else:
+        from reward.train import main
+    out_dir = Path(spec["out_dir"])
+    shutil.rmtree(out_dir, ignore_errors=True)
+    return main(recipe, out_dir, {"model": spec["model"], "data": spec["data"]}), f"{main.__module__}.main"
+
+
+def stage_figures(m: dict, process_peak) -> dict:
+    """The speed and memory figures of a stage's metrics (core.tracking.Throughput: steady rate after the
+    warm-up steps) under the benchmark's names."""
+    return {"tokens_per_s": m["throughput"], "examples_per_s": m["examples_per_s"], "steps_timed": m["steps_timed"],
+            "warmup_steps": m["warmup_steps_excluded"], "timed_seconds": m["steady_seconds"],
+            "train_seconds": m["train_seconds"], "peak_gib": m.get("peak_gpu_mem_gb"), "peak_gib_process": process_peak(),
+            "final_loss": m.get("final_loss")}
+
+
 def run_project(spec: dict) -> dict:
     """(child) The project's stage `main(recipe, out_dir, inputs)`, as the pipeline calls it; its figures are
     what it reports (core.tracking.Throughput: steady rate after the warm-up steps)."""
@@ -332,23 +355,12 @@ def run_project(spec: dict) -> dict:
     if section == "sft":
         overrides.append(f"sft.pack_tokens={options['pack_tokens']}")
     recipe = load_recipe(None, overrides)
-    if section == "dpo":
-        from alignment.dpo import main
-    elif section == "sft":
-        from alignment.sft import main
-    else:
-        from reward.train import main
-    out_dir = Path(spec["out_dir"])
-    shutil.rmtree(out_dir, ignore_errors=True)
-    m = main(recipe, out_dir, {"model": spec["model"], "data": spec["data"]})
+    m, entry = run_stage(section, recipe, spec)
     cfg = getattr(recipe, section)
     return {
-        "tokens_per_s": m["throughput"], "examples_per_s": m["examples_per_s"], "steps_timed": m["steps_timed"],
-        "warmup_steps": m["warmup_steps_excluded"], "timed_seconds": m["steady_seconds"],
-        "train_seconds": m["train_seconds"], "peak_gib": m.get("peak_gpu_mem_gb"), "peak_gib_process": process_peak(),
-        "final_loss": m.get("final_loss"), "tokens_per_s_incl_warmup": m.get("throughput_incl_warmup"),
+        **stage_figures(m, process_peak), "tokens_per_s_incl_warmup": m.get("throughput_incl_warmup"),
         "options": options,
-        "flags": {"entry": f"{main.__module__}.main", "overrides": overrides,
+        "flags": {"entry": entry, "overrides": overrides,
                   "precompute_ref": getattr(cfg, "precompute_ref", None), "lora": LORA if cfg.lora else None,
                   "mask_special_tokens": getattr(cfg, "mask_special_tokens", None), "one_row": getattr(cfg, "one_row", None),
                   "gradient_checkpointing": cfg.gradient_checkpointing, "prefix_sharing": getattr(cfg, "prefix_sharing", None),
