@@ -323,6 +323,20 @@ def test_rewards_match_direct_scoring(stage):
     assert abs(direct - c["reward"]) < 1e-4
 
 
+def kill9_after_two_shards(cmd: list[str], out, env: dict | None = None) -> float:
+    """Start the sampling CLI, kill -9 it as soon as its second shard lands; returns the time of the kill."""
+    t0 = time.time()
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    shard1 = out / "candidates" / "shard-00001.jsonl"
+    while not shard1.exists():
+        assert proc.poll() is None, "stage exited before writing two shards"
+        assert time.time() - t0 < 300, "no shard written in 300 s"
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return time.time()
+
+
 @pytest.mark.vllm
 def test_kill9_resume_and_torn_shard(stage):
     """kill -9 the stage once two shards are written, tear the last line of the newest shard, rerun: the
@@ -333,15 +347,7 @@ def test_kill9_resume_and_torn_shard(stage):
     cmd = [sys.executable, "-m", "sampling.sample", str(d / "recipe.yaml"), "--policy", stage["inputs"]["policy"],
            "--reward", stage["inputs"]["reward"], "--prompts", stage["inputs"]["prompts"], "--out", str(out), *OVERRIDES]
     t0 = time.time()
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    shard1 = out / "candidates" / "shard-00001.jsonl"
-    while not shard1.exists():
-        assert proc.poll() is None, "stage exited before writing two shards"
-        assert time.time() - t0 < 300, "no shard written in 300 s"
-        time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    t1 = time.time()
+    t1 = kill9_after_two_shards(cmd, out)
     time.sleep(1.5)  # the worker dies with its parent (PDEATHSIG): nothing may be written after this
     written = sorted((out / "candidates").glob("shard-*.jsonl"))
     assert not (out / "pairs.jsonl").exists() and 2 <= len(written) <= 4

@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -20,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_sampling import OVERRIDES, ROOT, _candidates, stage  # noqa: F401  (stage: the shared fixture)
+from tests.test_sampling import OVERRIDES, ROOT, _candidates, kill9_after_two_shards, stage  # noqa: F401  (stage: the shared fixture)
 
 RAY = ["sampling.backend=ray", "sampling.cpus_per_engine=1"]  # two engines on the 2 CPUs of the local instance
 # test clusters live on this machine only; Ray's token authentication would need a token in ~/.ray on every side
@@ -135,15 +134,7 @@ def test_driver_kill9_resumes(ray_stage):
            inputs["reward"], "--prompts", inputs["prompts"], "--out", str(out), *OVERRIDES, *RAY,
            f"sampling.ray_address={address}"]
     t0 = time.time()
-    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **ENV}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    shard1 = out / "candidates" / "shard-00001.jsonl"
-    while not shard1.exists():
-        assert proc.poll() is None, "stage exited before writing two shards"
-        assert time.time() - t0 < 300, "no shard written in 300 s"
-        time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    t1 = time.time()
+    t1 = kill9_after_two_shards(cmd, out, env={**os.environ, **ENV})
     written = sorted((out / "candidates").glob("shard-*.jsonl"))
     mtimes = {p.name: p.stat().st_mtime_ns for p in written}
     time.sleep(1.0)  # only the driver writes: nothing may land after its death
