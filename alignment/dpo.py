@@ -278,7 +278,7 @@ def main(recipe, out_dir: Path, inputs: dict) -> dict:
     reset = models.init_special_embeddings(model, sorted(template_ids(fmt))) if cfg.init_special_embeddings else []
     model = models.apply_lora(model, cfg.lora, gradient_checkpointing=cfg.gradient_checkpointing)
     models.gradient_checkpointing(model, cfg.gradient_checkpointing)  # activations recomputed in the backward
-    models.fp32_master_weights(model, accelerator)  # bf16 compute, float32 updates; the frozen reference stays bf16
+    models.fp32_master_weights(model, accelerator, cfg.master_weights)  # bf16 compute, float32 updates; the frozen reference stays bf16
     model.train()
     ref_model = None if cfg.lora is not None else load_reference(inputs["model"], recipe.model.dtype, reset)
     mask_dtype = models.torch_dtype(recipe.model.dtype)  # prefix sharing's 4D mask: the attention's compute dtype

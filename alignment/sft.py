@@ -95,7 +95,7 @@ def main(recipe, out_dir: Path, inputs: dict) -> dict:
     reset = models.init_special_embeddings(model, sorted(template_ids(fmt))) if cfg.init_special_embeddings else []
     model = models.apply_lora(model, cfg.lora, gradient_checkpointing=cfg.gradient_checkpointing)
     models.gradient_checkpointing(model, cfg.gradient_checkpointing)  # activations recomputed in the backward
-    models.fp32_master_weights(model, accelerator)  # bf16 compute, float32 updates
+    models.fp32_master_weights(model, accelerator, cfg.master_weights)  # bf16 compute, float32 updates (or KahanAdamW)
     model.train()
 
     world = accelerator.num_processes

@@ -134,6 +134,11 @@ class TrainConfig:
     # for a fraction of the activation memory (core.models.gradient_checkpointing). null (default): off, except on
     # a 4-bit base (model.quantization: nf4), where QLoRA's preparation turns it on (core.models.apply_lora)
     gradient_checkpointing: bool | None = None
+    # the trained weights' precision (core/optim.py). float32: float32 master weights, bf16 autocast compute,
+    # AdamW: 16 bytes a parameter. bf16_kahan: the weights stay bf16 and AdamW keeps bf16 moments and a bf16
+    # Kahan compensation (each weight's rounding error, added back at the next update), so no small update is
+    # rounded away: 10 bytes a parameter. Needs model.dtype: bfloat16; DeepSpeed keeps its own float32 masters.
+    master_weights: Literal["float32", "bf16_kahan"] = "float32"
 
 
 @dataclass
@@ -343,6 +348,11 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
         if stage.average_last > 1 and stage.lora is not None:
             raise ConfigError(f"{src}: '{name}.average_last' does not support LoRA runs yet: average their merged "
                               "models with `python -m core.average` (make average)")
+    for name in ("sft", "reward", "dpo"):
+        stage = getattr(recipe, name)
+        if stage.master_weights == "bf16_kahan" and recipe.model.dtype != "bfloat16":
+            raise ConfigError(f"{src}: '{name}.master_weights: bf16_kahan' keeps the weights in bf16: it needs "
+                              f"model.dtype: bfloat16 (got {recipe.model.dtype})")
     if recipe.model.quantization == "nf4":  # 4-bit weights take no gradient: every stage trains adapters on them
         full = [name for name in ("sft", "reward", "dpo") if getattr(recipe, name).lora is None]
         if len(full) == 3:

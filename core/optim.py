@@ -8,10 +8,80 @@ import random
 import torch
 
 
+class KahanAdamW(torch.optim.Optimizer):
+    """AdamW for bf16 weights: bf16 moments and a bf16 Kahan compensation, 10 bytes a parameter with the
+    weight and its gradient (float32 master weights and float32 AdamW: 16).
+
+    Per parameter p (bf16) with gradient g, first/second moments m, v and compensation c (bf16 state), at
+    step t, computed in float32:
+
+        w  = (p + c) * (1 - lr * weight_decay)          # decoupled weight decay, as torch.optim.AdamW
+        m  = b1 * m + (1 - b1) * g                      # stored back as bf16
+        v  = b2 * v + (1 - b2) * g^2                    # stored back as bf16
+        w -= lr / (1 - b1^t) * m / (sqrt(v / (1 - b2^t)) + eps)
+        p  = bf16(w);  c = bf16(w - p)
+
+    Why: an update of lr 1e-5 on a weight of ~1e-2 is below half a bf16 ulp (~3e-5 there), so `p -= update`
+    in bf16 rounds it away, every step. c keeps what the rounding dropped and adds it back at the next step,
+    so the updates accumulate until they move p: p + c follows float32 master weights to within bf16's
+    rounding of c (tests/test_optim_kahan.py). The moments need no compensation: with the recipe's
+    b2 = 0.95 a step moves v by 5% of (g^2 - v), well above bf16's relative precision (2^-9) for gradients
+    that vary; with b2 = 0.999 (0.1%) a steady v's increments would be rounded away like the weights'.
+    A float32 parameter (accelerate's FSDP2 upcasts them under mixed precision) rounds exactly: c stays 0.
+
+    The float32 work runs over the flattened tensor in chunks of at most `chunk_size` elements, so its
+    temporaries stay a few x 64 MiB whatever the tensor (a 128k x 2048 embedding is 1 GiB in float32).
+    """
+
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0, chunk_size: int = 2**24):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+        self.chunk_size = chunk_size
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]  # in self.state: the base class saves and loads it (state_dict)
+                if not state:
+                    state["step"] = 0
+                    for name in ("exp_avg", "exp_avg_sq", "compensation"):
+                        state[name] = torch.zeros_like(p, dtype=torch.bfloat16, memory_format=torch.contiguous_format)
+                state["step"] += 1
+                t = state["step"]
+                step_size, bc2_sqrt = lr / (1 - b1**t), math.sqrt(1 - b2**t)
+                tensors = (p, p.grad, state["exp_avg"], state["exp_avg_sq"], state["compensation"])
+                if p.is_contiguous() and p.grad.is_contiguous():  # views of the flat tensors: written in place
+                    pieces = zip(*(x.view(-1).split(self.chunk_size) for x in tensors))
+                else:
+                    pieces = [tensors]
+                for w_lo, g, m_lo, v_lo, c_lo in pieces:
+                    g = g.float()
+                    m = m_lo.float().mul_(b1).add_(g, alpha=1 - b1)
+                    v = v_lo.float().mul_(b2).addcmul_(g, g, value=1 - b2)
+                    m_lo.copy_(m)
+                    v_lo.copy_(v)
+                    w = w_lo.float().add_(c_lo.float()).mul_(1 - lr * wd)  # the weight with what rounding dropped
+                    w.addcdiv_(m, v.sqrt_().div_(bc2_sqrt).add_(eps), value=-step_size)
+                    w_lo.copy_(w)  # round to nearest in the weight's dtype
+                    c_lo.copy_(w.sub_(w_lo.float()))  # what that rounding dropped: added back next step
+        return loss
+
+
 def make_optimizer(model, cfg, total_steps: int):
-    """AdamW on trainable parameters with linear warmup then cosine decay to 10% of the peak lr."""
+    """AdamW on trainable parameters with linear warmup then cosine decay to 10% of the peak lr.
+    `master_weights: bf16_kahan`: KahanAdamW (bf16 weights, moments and compensation); else torch's AdamW
+    (on the float32 master weights that core.models.fp32_master_weights made)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    adamw = KahanAdamW if getattr(cfg, "master_weights", "float32") == "bf16_kahan" else torch.optim.AdamW
+    opt = adamw(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     warmup = max(1, int(cfg.warmup_ratio * total_steps))
 
     def factor(step: int) -> float:

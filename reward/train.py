@@ -204,7 +204,7 @@ def main(recipe, out_dir: Path, inputs: dict) -> dict:
     model = apply_lora(model, cfg.lora, gradient_checkpointing=cfg.gradient_checkpointing)
     models.gradient_checkpointing(model, cfg.gradient_checkpointing)  # activations recomputed in the backward
     scorer = RewardScorer(model)
-    models.fp32_master_weights(scorer, accelerator)  # bf16 compute, float32 updates
+    models.fp32_master_weights(scorer, accelerator, cfg.master_weights)  # bf16 compute, float32 updates (or KahanAdamW)
     scorer.train()
     dtype = model_dtype(scorer)
 
