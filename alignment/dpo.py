@@ -20,8 +20,9 @@ Setup -> reference log-probs -> loop -> save:
   the LM head run only at the positions that predict a trained token (core/logps.py).
 - layout (`prefix_sharing`, default on): one row per pair, prompt then chosen then rejected, the prompt
   computed once; a 4D mask keeps the rejected tokens from seeing the chosen ones and their position ids
-  continue from the prompt's end, so each response computes what its own row would (core/packing.py). Off:
-  two rows per pair (batch 2B, chosen first). Either way chosen and rejected go through the policy in ONE
+  continue from the prompt's end, so each response computes what its own row would (core/packing.py). With
+  `pack_tokens`, several such pairs share a row (each its own document, no pad between them); with
+  `attention: flex` the mask is a FlexAttention BlockMask. Off: two rows per pair (batch 2B, chosen first). Either way chosen and rejected go through the policy in ONE
   forward pass, and the reference log-probs are computed in the same layout.
 - reference: the SFT model, frozen (eval mode, requires_grad False). By default (`precompute_ref`) its
   log-probs are computed once before training, then it is freed; otherwise on the fly. With LoRA the
@@ -39,6 +40,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from pathlib import Path
 
 import torch
@@ -83,27 +85,36 @@ def build_pairs(records: list[dict], fmt: ChatFormat, max_length: int) -> tuple[
 
 def collate_pairs(pairs: list[tuple[Encoded, Encoded]], pad_id: int, mask_special_tokens: bool = True,
                   nll_mask_special_tokens: bool = True, prefix_sharing: bool = False,
-                  mask_dtype: torch.dtype = torch.float32) -> dict:
+                  mask_dtype: torch.dtype = torch.float32, pack_tokens: int = 0, flex: bool = False) -> dict:
     """One batch of R rows holding B pairs, for one forward pass.
 
     prefix_sharing: R = B rows of prompt, chosen response, rejected response (core/packing.py: the rejected
     tokens see the prompt and themselves, never the chosen ones, their position ids continue from the
-    prompt's end), attention_mask [B, 1, T, T] additive `mask_dtype`, position_ids and prev_pos [B, T].
-    Otherwise R = 2B rows, the B chosen sequences first, then the B rejected ones, attention_mask [2B, T].
+    prompt's end), attention_mask [R, 1, T, T] additive `mask_dtype` (with `flex` doc and branch [R, T]
+    instead, for packing.flex_inputs), position_ids and prev_pos [R, T]. With `pack_tokens`, R <= B rows:
+    the pairs packed first fit into rows of at most pack_tokens tokens, each pair its own document. Otherwise
+    R = 2B rows, the B chosen sequences first, then the B rejected ones, attention_mask [2B, T].
 
     chosen_mask, rejected_mask: [R, T], the DPO term's tokens: the final assistant turn, formatting tokens
     removed when `mask_special_tokens`. nll_mask: [R, T], the chosen tokens of the NLL term: the same, except
-    that it keeps the eot when `nll_mask_special_tokens` is off. pair: [R], the pair each row belongs to."""
+    that it keeps the eot when `nll_mask_special_tokens` is off. seq: [R, T], the pair each token belongs to
+    (log-probs are summed per pair, core.logps)."""
     nll_special = mask_special_tokens and nll_mask_special_tokens
     chosen, rejected = [c for c, _ in pairs], [r for _, r in pairs]
     if prefix_sharing:
-        rows = [packing.prefix_row([c, r]) for c, r in pairs]
-        batch = packing.collate_rows(rows, pad_id, mask_dtype)  # input_ids, attention_mask, position_ids, prev_pos
+        lengths = [len(c) + len(r) - len(packing.split_prompt([c, r])[0]) for c, r in pairs]
+        bins = packing.pack_greedy(lengths, pack_tokens) if pack_tokens else [[i] for i in range(len(pairs))]
+        rows = [packing.join_rows([packing.prefix_row(list(pairs[i]), doc=d) for d, i in enumerate(b)]) for b in bins]
+        batch = packing.collate_rows(rows, pad_id, mask_dtype, flex=flex)  # input_ids, attention_mask, position_ids, prev_pos
         T = batch["input_ids"].shape[1]
-        batch["chosen_mask"] = packing.place(rows, [[c.completion_mask(mask_special_tokens), None] for c in chosen], T)
-        batch["rejected_mask"] = packing.place(rows, [[None, r.completion_mask(mask_special_tokens)] for r in rejected], T)
-        batch["nll_mask"] = packing.place(rows, [[c.completion_mask(nll_special), None] for c in chosen], T)
-        batch["pair"] = torch.arange(len(pairs))
+
+        def per_seq(fn):  # a row's sequences: chosen, rejected of each of its pairs in turn
+            return [[v for i in b for v in fn(i)] for b in bins]
+
+        batch["chosen_mask"] = packing.place(rows, per_seq(lambda i: [chosen[i].completion_mask(mask_special_tokens), None]), T)
+        batch["rejected_mask"] = packing.place(rows, per_seq(lambda i: [None, rejected[i].completion_mask(mask_special_tokens)]), T)
+        batch["nll_mask"] = packing.place(rows, per_seq(lambda i: [chosen[i].completion_mask(nll_special), None]), T)
+        batch["seq"] = packing.place(rows, per_seq(lambda i: [[i] * len(chosen[i]), [i] * len(rejected[i])]), T)
         return batch
     batch = collate(chosen + rejected, pad_id, mask="completion", mask_special_tokens=mask_special_tokens)
     is_chosen = (torch.arange(2 * len(pairs)) < len(pairs))[:, None]  # [2B, 1]
@@ -111,7 +122,7 @@ def collate_pairs(pairs: list[tuple[Encoded, Encoded]], pad_id: int, mask_specia
     batch["chosen_mask"], batch["rejected_mask"] = loss_mask * is_chosen, loss_mask * ~is_chosen
     nll = loss_mask if nll_special == mask_special_tokens else collate(chosen + rejected, pad_id, "completion", nll_special)["loss_mask"]
     batch["nll_mask"] = nll * is_chosen
-    batch["pair"] = torch.arange(len(pairs)).repeat(2)
+    batch["seq"] = torch.arange(len(pairs)).repeat(2)[:, None].expand_as(loss_mask).contiguous()
     return batch
 
 
@@ -124,11 +135,9 @@ def pair_logps(model, batch: dict, nll: bool = False) -> tuple[torch.Tensor, ...
     """Summed float32 completion log-probs of a collated pair batch: (chosen [B], rejected [B]), and with
     `nll` the chosen ones under the NLL term's mask too ([B]); one forward pass, one log-softmax."""
     masks = [batch["chosen_mask"], batch["rejected_mask"]] + ([batch["nll_mask"]] if nll else [])
-    logps = completion_logps(model, batch["input_ids"], batch["attention_mask"], masks, prev_pos=batch.get("prev_pos"),
-                             position_ids=batch.get("position_ids"))  # each [R]
-    n_pairs = int(batch["pair"].max()) + 1 if batch["pair"].numel() else 0
-    # rows -> pairs: a row adds exactly 0 where it holds no token of that mask (the other response's row)
-    return tuple(torch.zeros(n_pairs, dtype=lp.dtype, device=lp.device).index_add(0, batch["pair"], lp) for lp in logps)
+    batch = packing.flex_inputs(batch)  # FlexAttention: the BlockMask, built here on the batch's device
+    return tuple(completion_logps(model, batch["input_ids"], batch["attention_mask"], masks, prev_pos=batch.get("prev_pos"),
+                                  seq=batch["seq"], position_ids=batch.get("position_ids")))  # each [B]: per pair
 
 
 def load_reference(path, dtype: str, reset: list[int] = ()):
@@ -205,8 +214,8 @@ def precompute_reference(pairs, fmt: ChatFormat, cfg, accelerator, ref_model=Non
     bar = tracking.progress(range(0, len(mine), bs), desc="reference log-probs", disable=not accelerator.is_local_main_process)
     for i in bar:
         idx = mine[i : i + bs]
-        batch = collate_pairs([pairs[j] for j in idx], fmt.pad_id, cfg.mask_special_tokens,
-                              prefix_sharing=cfg.prefix_sharing, mask_dtype=mask_dtype)
+        batch = collate_pairs([pairs[j] for j in idx], fmt.pad_id, cfg.mask_special_tokens, prefix_sharing=cfg.prefix_sharing,
+                              mask_dtype=mask_dtype, pack_tokens=cfg.pack_tokens, flex=cfg.attention == "flex")
         ref_chosen, ref_rejected = reference_logps(to_device(batch, accelerator.device), ref_model, policy)
         out[i : i + len(idx)] = torch.stack([ref_chosen, ref_rejected], -1)
     if world > 1:
@@ -270,17 +279,21 @@ def main(recipe, out_dir: Path, inputs: dict) -> dict:
         raise DataError(f"{inputs['data']}: no usable preference pairs")
     accelerator.print(f"dpo: {len(pairs)} pairs ({pair_counts['from_edited']} edited > rejected), "
                       f"mask_special_tokens={cfg.mask_special_tokens}, precompute_ref={cfg.precompute_ref}, "
-                      f"prefix_sharing={cfg.prefix_sharing}, gradient_checkpointing={cfg.gradient_checkpointing}")
+                      f"prefix_sharing={cfg.prefix_sharing}, pack_tokens={cfg.pack_tokens}, "
+                      f"gradient_checkpointing={cfg.gradient_checkpointing}, master_weights={cfg.master_weights}")
 
     model = models.load_causal_lm(inputs["model"], recipe.model.dtype, recipe.model.dropout, recipe.model.quantization,
                                   accelerator.device)  # nf4 (LoRA required): the reference is this 4-bit base too
     # the same rows reset in the reference (below), so that policy and reference agree at step 0
     reset = models.init_special_embeddings(model, sorted(template_ids(fmt))) if cfg.init_special_embeddings else []
+    applied = models.speedups(model, cfg)  # attention flex, liger, compile
     model = models.apply_lora(model, cfg.lora, gradient_checkpointing=cfg.gradient_checkpointing)
     models.gradient_checkpointing(model, cfg.gradient_checkpointing)  # activations recomputed in the backward
     models.fp32_master_weights(model, accelerator, cfg.master_weights)  # bf16 compute, float32 updates; the frozen reference stays bf16
     model.train()
     ref_model = None if cfg.lora is not None else load_reference(inputs["model"], recipe.model.dtype, reset)
+    if ref_model is not None and cfg.attention == "flex":  # the batches carry a BlockMask: both models read it
+        ref_model.set_attn_implementation("flex_attention")
     mask_dtype = models.torch_dtype(recipe.model.dtype)  # prefix sharing's 4D mask: the attention's compute dtype
 
     world = accelerator.num_processes
@@ -292,8 +305,9 @@ def main(recipe, out_dir: Path, inputs: dict) -> dict:
 
     run = checkpoints.start_or_resume(accelerator, out_dir, recipe, inputs, cfg, len(plan), "dpo")
 
-    ref_table = None  # [N, 2] reference log-probs when precomputed
+    ref_table, ref_seconds = None, 0.0  # [N, 2] reference log-probs when precomputed, and what that took
     if cfg.precompute_ref:
+        t0 = time.perf_counter()
         cache = run.ckpt_dir / "ref_logps.pt"
         saved = torch.load(cache, weights_only=True) if cache.exists() else None
         if saved is not None and saved.get("config_hash") == run.config_hash and len(saved["logps"]) == len(pairs):
@@ -305,6 +319,7 @@ def main(recipe, out_dir: Path, inputs: dict) -> dict:
                 torch.save({"config_hash": run.config_hash, "logps": ref_table}, cache.with_suffix(".tmp"))
                 os.replace(cache.with_suffix(".tmp"), cache)  # atomic: a killed save leaves no torn cache
         ref_model = None  # freed: never needed again
+        ref_seconds = time.perf_counter() - t0  # part of the stage's cost: the loop's pairs/s leaves it out
 
     # -- loop --------------------------------------------------------------------------------------------------
     history: list[dict] = []
@@ -316,7 +331,7 @@ def main(recipe, out_dir: Path, inputs: dict) -> dict:
         for idx in plan[step]:
             mine = distributed.rank_slice(idx, accelerator.process_index, world)
             batch = collate_pairs([pairs[i] for i in mine], fmt.pad_id, cfg.mask_special_tokens, cfg.nll_mask_special_tokens,
-                                  cfg.prefix_sharing, mask_dtype)
+                                  cfg.prefix_sharing, mask_dtype, cfg.pack_tokens, cfg.attention == "flex")
             mb = to_device(batch, accelerator.device)
             if ref_table is not None:
                 ref = ref_table[mine].to(accelerator.device)
@@ -346,7 +361,8 @@ def main(recipe, out_dir: Path, inputs: dict) -> dict:
                "pairs": pair_counts, "data": report.to_dict(), "beta": cfg.beta, "nll_weight": cfg.nll_weight,
                "mask_special_tokens": cfg.mask_special_tokens,
                "nll_mask_special_tokens": cfg.nll_mask_special_tokens, "prefix_sharing": cfg.prefix_sharing,
-               "gradient_checkpointing": cfg.gradient_checkpointing, **perf, **averaged}
+               "pack_tokens": cfg.pack_tokens, "gradient_checkpointing": cfg.gradient_checkpointing,
+               "master_weights": cfg.master_weights, **applied, "ref_precompute_seconds": round(ref_seconds, 2), **perf, **averaged}
     metrics.update(evaluate_saved_policy(accelerator, out_dir, recipe, fmt, inputs.get("eval_prompts")))
     if accelerator.is_main_process:
         shutil.rmtree(run.ckpt_dir, ignore_errors=True)  # the model is saved: its checkpoints are done with

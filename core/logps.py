@@ -35,10 +35,14 @@ def scored(masks: list[torch.Tensor], prev_pos: torch.Tensor) -> tuple[torch.Ten
 
 
 def gather_logps(logits: torch.Tensor, input_ids: torch.Tensor, masks: list[torch.Tensor], chunk: int = CHUNK,
-                 prev_pos: torch.Tensor | None = None, kept: torch.Tensor | None = None) -> list[torch.Tensor]:
+                 prev_pos: torch.Tensor | None = None, kept: torch.Tensor | None = None,
+                 seq: torch.Tensor | None = None) -> list[torch.Tensor]:
     """Summed float32 log-probability of each row's masked tokens, one [B] tensor per mask.
 
         out[i][b] = sum_t masks[i][b, t] * log softmax(logits[b, prev_pos[b, t]])[input_ids[b, t]]
+
+    With `seq` ([B, T] long: the sequence each token belongs to, e.g. the pair of a packed DPO row) the sums
+    are per sequence instead of per row: out[i][s] sums the masked tokens whose seq is s, [S] with S = max + 1.
 
     logits: [B, T, V] (any float dtype), or [B, K, V] at the sorted sequence positions `kept` [K] (the model
     ran with logits_to_keep=kept); input_ids: [B, T]; masks: each [B, T], 1 where token t counts; prev_pos:
@@ -55,20 +59,23 @@ def gather_logps(logits: torch.Tensor, input_ids: torch.Tensor, masks: list[torc
         lg = logits[rows[i : i + chunk], src[i : i + chunk]].float()  # [n, V] float32
         vals.append(lg.log_softmax(-1).gather(1, targets[i : i + chunk, None]).squeeze(1))  # [n]
     vals = torch.cat(vals) if vals else logits.new_zeros(0, dtype=torch.float32)  # [N]
+    owner, n = (rows, input_ids.shape[0]) if seq is None else (seq[rows, cols], int(seq.max()) + 1)  # [N]: whose sum
     out = []
     for m in masks:
         w = m[rows, cols].to(torch.float32)  # [N]
-        out.append(torch.zeros(input_ids.shape[0], dtype=torch.float32, device=logits.device).index_add(0, rows, vals * w))
+        out.append(torch.zeros(n, dtype=torch.float32, device=logits.device).index_add(0, owner, vals * w))
     return out
 
 
-def completion_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, masks: list[torch.Tensor],
-                     prev_pos: torch.Tensor | None = None, **model_kwargs) -> list[torch.Tensor]:
+def completion_logps(model, input_ids: torch.Tensor, attention_mask, masks: list[torch.Tensor],
+                     prev_pos: torch.Tensor | None = None, seq: torch.Tensor | None = None,
+                     **model_kwargs) -> list[torch.Tensor]:
     """One forward pass of `model` with its LM head at the predicting positions only, then `gather_logps`:
     per mask, each row's summed log-probs [B].
 
-    attention_mask: [B, T] (1 = real), [B, 1, T, T] additive (packed rows), or None (packed documents: the
-    mask comes from `position_ids`, in model_kwargs); prev_pos: [B, T], default t - 1. `model` is a causal
+    attention_mask: [B, T] (1 = real), [B, 1, T, T] additive or a FlexAttention BlockMask (packed rows), or None
+    (packed documents: the mask comes from `position_ids`, in model_kwargs); prev_pos: [B, T], default t - 1;
+    seq: per-sequence sums instead of per-row (gather_logps). `model` is a causal
     LM whose forward takes `logits_to_keep` (transformers' own, through peft, DDP, DeepSpeed and accelerate's
     wrappers, which pass keyword arguments on). No KV cache: a training forward needs none, and with one
     transformers would not read packed documents from the position ids."""
@@ -77,4 +84,4 @@ def completion_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tenso
     kept = torch.unique(src)  # [K], sorted: the union over the batch of positions whose logits are read
     logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=kept, use_cache=False,
                    **model_kwargs).logits  # [B, K, V]
-    return gather_logps(logits, input_ids, masks, prev_pos=prev_pos, kept=kept)
+    return gather_logps(logits, input_ids, masks, prev_pos=prev_pos, kept=kept, seq=seq)

@@ -100,6 +100,21 @@ def prefix_row(encs: list[Encoded], rng: random.Random | None = None, doc: int =
     return row
 
 
+def join_rows(rows: list[Row]) -> Row:
+    """Rows back to back in one row (their documents must have distinct ids): packed prefix-shared DPO pairs.
+    The sequences of the result are the rows' sequences in order."""
+    out = Row()
+    for r in rows:
+        off = len(out)
+        out.ids += r.ids
+        out.pos += r.pos
+        out.doc += r.doc
+        out.branch += r.branch
+        out.prev += [p + off if p >= 0 else -1 for p in r.prev]
+        out.where += [[t + off for t in w] for w in r.where]
+    return out
+
+
 def document_row(encs: list[Encoded]) -> Row:
     """Whole sequences back to back, each its own document, position ids restarting at 0 (packed SFT)."""
     row = Row()
@@ -124,12 +139,15 @@ def pack_greedy(lengths: list[int], capacity: int) -> list[list[int]]:
     return bins
 
 
-def collate_rows(rows: list[Row], pad_id: int, mask_dtype: torch.dtype | None = torch.float32, pad_to: int = 0) -> dict:
+def collate_rows(rows: list[Row], pad_id: int, mask_dtype: torch.dtype | None = torch.float32, pad_to: int = 0,
+                 flex: bool = False) -> dict:
     """Right-padded tensors of packed rows.
 
     input_ids, position_ids, prev_pos: [B, T] (pad: pad id, positions counting on from 0, prev -1);
     attention_mask: [B, 1, T, T] additive `mask_dtype`; with mask_dtype None there is none (documents:
-    transformers builds their mask from the restarting position ids when attention_mask is None)."""
+    transformers builds their mask from the restarting position ids when attention_mask is None). With
+    `flex`, no dense mask but the rule's inputs, doc and branch [B, T]: `block_mask` makes FlexAttention's
+    mask from them on the device (a [B, 1, T, T] tensor is what flex exists to avoid)."""
     T = max(max(len(r) for r in rows), pad_to)
     B = len(rows)
     ids = torch.full((B, T), pad_id, dtype=torch.long)
@@ -146,9 +164,42 @@ def collate_rows(rows: list[Row], pad_id: int, mask_dtype: torch.dtype | None = 
         branch[b, :n] = torch.tensor(r.branch, dtype=torch.long)
         prev[b, :n] = torch.tensor(r.prev, dtype=torch.long)
     out = {"input_ids": ids, "position_ids": pos, "prev_pos": prev}
-    if mask_dtype is not None:
+    if flex:
+        out["doc"], out["branch"] = doc, branch
+    elif mask_dtype is not None:
         out["attention_mask"] = attention_mask(doc, branch, mask_dtype)
     return out
+
+
+def mask_rule(doc: torch.Tensor, branch: torch.Tensor):
+    """The module doc's rule as a FlexAttention mask_mod over doc and branch [B, T]: True = q may attend to k."""
+
+    def mask_mod(b, h, q, k):
+        real = doc[b, q] != PAD_DOC
+        sees = (k <= q) & (doc[b, k] == doc[b, q]) & ((branch[b, k] == 0) | (branch[b, k] == branch[b, q]))
+        return (real & sees) | (~real & (q == k))  # a pad sees itself
+
+    return mask_mod
+
+
+def block_mask(doc: torch.Tensor, branch: torch.Tensor):
+    """FlexAttention's BlockMask of packed rows (doc, branch [B, T] on the device): the same rule as
+    `attention_mask`; blocks of 128 x 128 positions that nothing in them may attend are skipped, so a row of
+    several documents costs the attention of its documents, not of the row. transformers passes a BlockMask
+    to its flex_attention implementation untouched (the model set to attn_implementation flex_attention)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    B, T = doc.shape
+    return create_block_mask(mask_rule(doc, branch), B, None, T, T, device=doc.device)
+
+
+def flex_inputs(batch: dict) -> dict:
+    """A collated batch (on its device) with its doc/branch replaced by the BlockMask (`collate_rows(flex=True)`)."""
+    if "doc" not in batch:
+        return batch
+    batch = dict(batch)
+    batch["attention_mask"] = block_mask(batch.pop("doc"), batch.pop("branch"))
+    return batch
 
 
 def attention_mask(doc: torch.Tensor, branch: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -57,7 +57,7 @@ def test_prefix_row_layout_masks_and_positions(tiny_fmt, sets):
         two = dpo.collate_pairs(pairs, fmt.pad_id, mask_special, nll_special, prefix_sharing=False)
         B = len(pairs)
         assert b["input_ids"].shape[0] == B and b["attention_mask"].shape[:2] == (B, 1)
-        assert b["pair"].tolist() == list(range(B)) and two["pair"].tolist() == list(range(B)) * 2
+        assert b["seq"][:, 1].tolist() == list(range(B)) and two["seq"][:, 1].tolist() == list(range(B)) * 2
         for i, (c, r) in enumerate(pairs):
             P = c.prompt_len
             assert c.input_ids[:P] == r.input_ids[:P]
@@ -108,25 +108,78 @@ def test_prefix_shared_dpo_equals_two_rows(tiny_fmt, tiny_lm, sets, mask_special
     cfg = DPOConfig(mask_special_tokens=mask_special, nll_mask_special_tokens=nll_special)
     acc = Accelerator(cpu=True)
     out = {}
-    for shared in (False, True):
+    # two rows a pair; a prefix-shared row a pair; pairs packed 2-3 to a row; a micro-batch's pairs in one row
+    for layout in ((False, 0), (True, 0), (True, 150), (True, 10_000)):
         micro = []
         for chunk in (pairs[:3], pairs[3:]):
-            mb = dpo.collate_pairs(chunk, fmt.pad_id, mask_special, nll_special, prefix_sharing=shared)
+            mb = dpo.collate_pairs(chunk, fmt.pad_id, mask_special, nll_special, prefix_sharing=layout[0], pack_tokens=layout[1])
             mb["ref_chosen"], mb["ref_rejected"] = dpo.reference_logps(mb, ref_model=ref)
             micro.append(mb)
         model.zero_grad(set_to_none=True)
         stats = dpo.dpo_step(model, micro, cfg, acc, 1)
         refs = torch.cat([torch.stack([mb["ref_chosen"], mb["ref_rejected"]]) for mb in micro], 1)
-        out[shared] = (stats, grads(model), refs)
-    (s2, g2, r2), (s1, g1, r1) = out[False], out[True]
-    assert close(r1, r2, 1e-6)
-    assert s1["pairs"] == s2["pairs"] == len(pairs) and s1["tokens"] == s2["tokens"] > 0
-    for k in (*dpo.METRICS, "dpo"):
-        assert s1[k] == pytest.approx(s2[k], rel=1e-5, abs=1e-6), k
-    assert abs(s1["rewards/margins"]) > 1e-3  # a real DPO term: policy and reference differ
-    assert g1.keys() == g2.keys() and len(g1) == len(list(model.parameters()))
-    for n in g2:
-        assert close(g1[n], g2[n]), n
+        out[layout] = (stats, grads(model), refs, [mb["input_ids"].shape[0] for mb in micro])
+    s2, g2, r2, _ = out[(False, 0)]
+    assert out[(True, 150)][3] != out[(True, 0)][3] and out[(True, 10_000)][3] == [1, 1]  # packing did pack
+    for layout in ((True, 0), (True, 150), (True, 10_000)):
+        s1, g1, r1, _ = out[layout]
+        assert close(r1, r2, 1e-6), layout
+        assert s1["pairs"] == s2["pairs"] == len(pairs) and s1["tokens"] == s2["tokens"] > 0
+        for k in (*dpo.METRICS, "dpo"):
+            assert s1[k] == pytest.approx(s2[k], rel=1e-5, abs=1e-6), (layout, k)
+        assert abs(s1["rewards/margins"]) > 1e-3  # a real DPO term: policy and reference differ
+        assert g1.keys() == g2.keys() and len(g1) == len(list(model.parameters()))
+        for n in g2:
+            assert close(g1[n], g2[n]), (layout, n)
+
+
+def test_packed_dpo_rows_layout(tiny_fmt, sets):
+    """Packed pairs: each pair's prompt, chosen and rejected back to back, `seq` naming its pair on every token,
+    and no token of one pair seeing another pair's."""
+    fmt = tiny_fmt
+    pairs = uneven_pairs(fmt, sets["preference"])
+    b = dpo.collate_pairs(pairs, fmt.pad_id, prefix_sharing=True, pack_tokens=10_000)
+    assert b["input_ids"].shape[0] == 1
+    at, allowed = 0, b["attention_mask"][0, 0] == 0
+    for i, (c, r) in enumerate(pairs):
+        P = len(packing.split_prompt([c, r])[0])
+        n = len(c) + len(r) - P
+        assert b["input_ids"][0, at : at + n].tolist() == c.input_ids + r.input_ids[P:]
+        assert b["seq"][0, at + 1 : at + n].eq(i).all()
+        assert allowed[at : at + n, at : at + n].any() and not allowed[at : at + n, :at].any()
+        at += n
+    assert at == b["input_ids"].shape[1]  # no pad
+
+
+def test_flex_block_mask_is_the_dense_mask(tiny_fmt, sets):
+    """FlexAttention's mask rule (packing.mask_rule, what block_mask compresses) allows exactly what the dense
+    4D mask allows, for packed and padded prefix-shared rows."""
+    from torch.nn.attention.flex_attention import create_mask
+
+    fmt = tiny_fmt
+    pairs = uneven_pairs(fmt, sets["preference"])
+    for pack in (0, 150):
+        dense = dpo.collate_pairs(pairs, fmt.pad_id, prefix_sharing=True, pack_tokens=pack)
+        flex = dpo.collate_pairs(pairs, fmt.pad_id, prefix_sharing=True, pack_tokens=pack, flex=True)
+        assert "attention_mask" not in flex and flex["input_ids"].equal(dense["input_ids"])
+        B, T = flex["doc"].shape
+        allowed = create_mask(packing.mask_rule(flex["doc"], flex["branch"]), B, 1, T, T, device="cpu")
+        assert allowed.equal(dense["attention_mask"] == 0)
+        assert (dense["input_ids"] == fmt.pad_id).any() and not allowed.all()
+
+
+def test_flex_attention_forward_equals_sdpa(tiny_fmt, tiny_lm, sets):
+    """The model with attn_implementation flex_attention and the BlockMask gives the dense-mask SDPA log-probs
+    (forward only: FlexAttention has no backward on the CPU; the GPU benchmark trains with it)."""
+    fmt = tiny_fmt
+    pairs = uneven_pairs(fmt, sets["preference"])[:4]
+    model = tiny_lm(fmt, seed=0).eval()
+    with torch.no_grad():
+        dense = dpo.pair_logps(model, dpo.collate_pairs(pairs, fmt.pad_id, prefix_sharing=True, pack_tokens=150))
+        model.set_attn_implementation("flex_attention")
+        flex = dpo.pair_logps(model, dpo.collate_pairs(pairs, fmt.pad_id, prefix_sharing=True, pack_tokens=150, flex=True))
+    for a, b in zip(dense, flex):
+        assert close(b, a, 1e-5)
 
 
 def _write(path: Path, recs: list[dict]) -> Path:
@@ -147,21 +200,23 @@ def test_dpo_stage_metrics_equal_with_and_without_prefix_sharing(model_dir, sets
     """dpo.main with prefix_sharing on and off: the same step losses, rewards, NLL and token counts."""
     data = _write(tmp_path / "pref.jsonl", sets["preference"][:24])
     logs, metrics = {}, {}
-    for shared in (True, False):
+    for shared, pack in ((True, 0), (False, 0), (True, 300)):
         recipe = load_recipe(None, ["dpo.lr=3e-3", "dpo.max_steps=3", "dpo.batch_size=4", "dpo.grad_accum=2",
-                                    "dpo.log_every=1", "dpo.report_to=none", "dpo.max_length=128",
+                                    "dpo.log_every=1", "dpo.report_to=none", "dpo.max_length=128", f"dpo.pack_tokens={pack}",
                                     f"dpo.precompute_ref={str(precompute).lower()}", f"dpo.prefix_sharing={str(shared).lower()}"])
-        out = tmp_path / f"dpo-{shared}"
-        metrics[shared] = dpo.main(recipe, out, {"model": model_dir, "data": data})
-        logs[shared] = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
-    assert metrics[True]["prefix_sharing"] is True and metrics[False]["prefix_sharing"] is False
-    assert len(logs[True]) == len(logs[False]) == 3
-    for a, b in zip(logs[True], logs[False]):
-        for k in ("train/loss", "train/dpo", "train/nll", "train/rewards/margins", "train/logps/chosen",
-                  "train/logps/rejected", "train/grad_norm", "train/lr", "train/tokens"):
-            assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-6), k
-    for k in dpo.METRICS:
-        assert metrics[True][k] == pytest.approx(metrics[False][k], rel=1e-5, abs=1e-6), k
+        out = tmp_path / f"dpo-{shared}-{pack}"
+        metrics[shared, pack] = dpo.main(recipe, out, {"model": model_dir, "data": data})
+        logs[shared, pack] = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert metrics[True, 0]["prefix_sharing"] is True and metrics[False, 0]["prefix_sharing"] is False
+    assert metrics[True, 300]["pack_tokens"] == 300
+    for layout in ((True, 0), (True, 300)):
+        assert len(logs[layout]) == len(logs[False, 0]) == 3
+        for a, b in zip(logs[layout], logs[False, 0]):
+            for k in ("train/loss", "train/dpo", "train/nll", "train/rewards/margins", "train/logps/chosen",
+                      "train/logps/rejected", "train/grad_norm", "train/lr", "train/tokens"):
+                assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-6), (layout, k)
+        for k in dpo.METRICS:
+            assert metrics[layout][k] == pytest.approx(metrics[False, 0][k], rel=1e-5, abs=1e-6), (layout, k)
 
 
 # -- SFT: packed == a row each ----------------------------------------------------------------------------------------
