@@ -93,6 +93,7 @@ def main(recipe, out_dir: Path, inputs: dict) -> dict:
     model = models.load_causal_lm(inputs["model"], recipe.model.dtype, recipe.model.dropout, recipe.model.quantization,
                                   accelerator.device)  # nf4: quantized on this process's device as it loads
     reset = models.init_special_embeddings(model, sorted(template_ids(fmt))) if cfg.init_special_embeddings else []
+    applied = models.speedups(model, cfg)  # attention flex (packed rows: transformers' block mask), liger, compile
     model = models.apply_lora(model, cfg.lora, gradient_checkpointing=cfg.gradient_checkpointing)
     models.gradient_checkpointing(model, cfg.gradient_checkpointing)  # activations recomputed in the backward
     models.fp32_master_weights(model, accelerator, cfg.master_weights)  # bf16 compute, float32 updates (or KahanAdamW)
@@ -130,7 +131,9 @@ def main(recipe, out_dir: Path, inputs: dict) -> dict:
     # -- save + eval ---------------------------------------------------------------------------------
     averaged = run.finish(model, fmt.tokenizer)  # out_dir/model, averaged with the snapshots when asked; skipped_steps
     metrics = {"steps": len(plan), "examples": len(examples), "first_loss": run.first_loss, "final_loss": run.last_loss,
-               "data": report.to_dict(), "special_embeddings_reset": reset, **perf, **averaged}
+               "data": report.to_dict(), "special_embeddings_reset": reset, "pack_tokens": cfg.pack_tokens,
+               "gradient_checkpointing": cfg.gradient_checkpointing, "master_weights": cfg.master_weights, **applied,
+               **perf, **averaged}
     metrics.update(evaluate_saved_policy(accelerator, out_dir, recipe, fmt, inputs.get("eval_prompts")))
     if accelerator.is_main_process:
         shutil.rmtree(run.ckpt_dir, ignore_errors=True)  # the model is saved: its checkpoints are done with

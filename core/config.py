@@ -139,6 +139,11 @@ class TrainConfig:
     # Kahan compensation (each weight's rounding error, added back at the next update), so no small update is
     # rounded away: 10 bytes a parameter. Needs model.dtype: bfloat16; DeepSpeed keeps its own float32 masters.
     master_weights: Literal["float32", "bf16_kahan"] = "float32"
+    # attention of packed and prefix-shared rows (core/packing.py): sdpa with a dense [B, 1, T, T] mask, or flex:
+    # FlexAttention with a block mask built from the same rule (CUDA; the masked blocks are skipped)
+    attention: Literal["sdpa", "flex"] = "sdpa"
+    compile: bool = False  # torch.compile each decoder layer of the trained model (core.models.speedups)
+    liger: bool = False  # Liger's RMSNorm, SwiGLU and RoPE Triton kernels (CUDA, liger-kernel; core.models.speedups)
 
 
 @dataclass
@@ -197,6 +202,9 @@ class DPOConfig(TrainConfig):
     # one row per pair: prompt, chosen, rejected, the prompt computed once (exact: a 4D mask and position ids,
     # core/packing.py); false: two rows per pair. The policy pass and the reference log-probs alike.
     prefix_sharing: bool = True
+    # > 0 (with prefix_sharing): a micro-batch's pairs packed into rows of at most this many tokens, each pair its
+    # own document (prompt, chosen, rejected), no pad between them; 0: a row per pair
+    pack_tokens: int = num(0, ge=0)
 
 
 @dataclass
@@ -353,6 +361,8 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
         if stage.master_weights == "bf16_kahan" and recipe.model.dtype != "bfloat16":
             raise ConfigError(f"{src}: '{name}.master_weights: bf16_kahan' keeps the weights in bf16: it needs "
                               f"model.dtype: bfloat16 (got {recipe.model.dtype})")
+    if recipe.dpo.pack_tokens and not recipe.dpo.prefix_sharing:
+        raise ConfigError(f"{src}: 'dpo.pack_tokens' packs prefix-shared pairs: it needs dpo.prefix_sharing: true")
     if recipe.model.quantization == "nf4":  # 4-bit weights take no gradient: every stage trains adapters on them
         full = [name for name in ("sft", "reward", "dpo") if getattr(recipe, name).lora is None]
         if len(full) == 3:

@@ -161,6 +161,33 @@ def drop_quant_state(models, weights, output_dir) -> None:
             del state[key]
 
 
+def speedups(model, cfg) -> dict:
+    """The compute options of a training stage's config, on a model just loaded (before LoRA wraps it); returns
+    what was applied, for the stage's metrics.
+
+    - attention flex: transformers' flex_attention implementation; packed and prefix-shared rows then get a
+      FlexAttention BlockMask (core/packing.py), plain rows the mask transformers builds. Exact: the same rule.
+    - liger: Liger's Triton RMSNorm, SwiGLU and RoPE kernels patched into this model's modules (and RoPE into
+      transformers' Llama module: every Llama model of the process). Not its fused linear cross-entropy:
+      core/logps.py already runs the LM head only at the trained positions, and DPO needs per-sequence sums.
+    - compile: torch.compile of each decoder layer (the layers are the same code: one compiled graph, reused),
+      dynamic in the sequence length so that every batch shape does not recompile."""
+    applied = {"attention": cfg.attention, "liger": False, "compile": False}
+    if cfg.attention == "flex":
+        model.set_attn_implementation("flex_attention")
+    if cfg.liger:
+        from liger_kernel.transformers import apply_liger_kernel_to_llama
+
+        apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                    fused_linear_cross_entropy=False, model=model)
+        applied["liger"] = True
+    if cfg.compile:
+        for layer in getattr(model, model.base_model_prefix).layers:
+            layer.compile(dynamic=True)
+        applied["compile"] = True
+    return applied
+
+
 def apply_lora(model, lora_cfg, task_type: str = "CAUSAL_LM", gradient_checkpointing: bool | None = None):
     """Wrap `model` with peft LoRA adapters when the stage config asks for them.
 

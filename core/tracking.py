@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import sys
@@ -80,6 +81,10 @@ class Throughput:
     - `train_seconds`: the whole loop, warm-up included, and `throughput_incl_warmup` the rate over it;
     - `peak_gpu_mem_gb` (GiB) on CUDA: torch.cuda.max_memory_allocated over the whole loop (warm-up included),
       the max over processes.
+    - what makes steps uneven (this process): `step_seconds` (median and max of the timed steps, and how many
+      took over twice the median), the CUDA caching allocator's `alloc_retries` (a cudaMalloc that failed and
+      was retried after freeing every cached block: a stall of the whole GPU) and `gc_collections` (Python's
+      full, generation-2 garbage collections) during the loop.
 
     The stage calls `add` once per optimizer step, after the step's forward/backward: a step's time is the
     time from the previous step's `add` to its own (the previous optimizer update, this step's batches, its
@@ -94,6 +99,8 @@ class Throughput:
         self.cuda = torch.cuda.is_available()
         if self.cuda:
             torch.cuda.reset_peak_memory_stats()
+        self.retries0 = torch.cuda.memory_stats().get("num_alloc_retries", 0) if self.cuda else 0
+        self.gc0 = gc.get_stats()[2]["collections"]
         self.t0 = time.perf_counter()
 
     def add(self, micro_batches: list[dict], pad_id: int, examples: int) -> None:
@@ -123,7 +130,15 @@ class Throughput:
                "examples_per_s": round(counts[1].item() / max(steady, 1e-9), 2),
                "warmup_steps_excluded": w, "steps_timed": n - w, "steady_seconds": round(steady, 3),
                "throughput_incl_warmup": round(counts[2].item() / max(seconds, 1e-9), 1)}
+        ends = [self.t0] + self.step_ends
+        timed = sorted(b - a for a, b in zip(ends[w:], ends[w + 1 :]))  # the steady steps' durations
+        if timed:
+            median = timed[len(timed) // 2]
+            out["step_seconds"] = {"median": round(median, 4), "max": round(timed[-1], 4),
+                                   "over_2x_median": sum(t > 2 * median for t in timed)}
+        out["gc_collections"] = gc.get_stats()[2]["collections"] - self.gc0
         if self.cuda:
+            out["alloc_retries"] = torch.cuda.memory_stats().get("num_alloc_retries", 0) - self.retries0
             peak = torch.tensor([torch.cuda.max_memory_allocated() / 2**30], device=acc.device)
             if acc.num_processes > 1:
                 peak = acc.reduce(peak, "max")

@@ -186,17 +186,18 @@ def collate_separate(encs: list[Encoded], pad_id: int, side: str = "right", pad_
 
 
 def collate_one_row(groups: list[list[Encoded]], pad_id: int, dtype: torch.dtype = torch.float32,
-                    rng: random.Random | None = None, pad_to: int = 0) -> dict:
+                    rng: random.Random | None = None, pad_to: int = 0, flex: bool = False) -> dict:
     """One row per group (a prompt's 2-3 responses), right-padded: core.packing's shared-prefix row, the
     placement of the responses shuffled by `rng`. Rewards come out group by group, in each group's given
-    order, whatever the placement: index [N, 2] (row, position of each response's last token)."""
+    order, whatever the placement: index [N, 2] (row, position of each response's last token). With `flex`,
+    doc and branch [B, T] instead of attention_mask (packing.flex_inputs makes the BlockMask on the device)."""
     if any(len(r) == 0 for g in groups for r in packing.split_prompt(g)[1]):  # its reward would be the prompt's
         raise ValueError("one-row layout: a response is empty after the shared prompt (identical encodings?)")
     rows = [packing.prefix_row(g, rng) for g in groups]
-    batch = packing.collate_rows(rows, pad_id, dtype, pad_to)  # input_ids, position_ids, attention_mask [B, 1, T, T]
-    index = [(b, w[-1]) for b, r in enumerate(rows) for w in r.where]
-    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
-            "position_ids": batch["position_ids"], "index": torch.tensor(index, dtype=torch.long)}
+    batch = packing.collate_rows(rows, pad_id, dtype, pad_to, flex)  # input_ids, position_ids, attention_mask [B, 1, T, T]
+    batch.pop("prev_pos")
+    batch["index"] = torch.tensor([(b, w[-1]) for b, r in enumerate(rows) for w in r.where], dtype=torch.long)
+    return batch
 
 
 def model_dtype(model) -> torch.dtype:

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from core import checkpoints, distributed, models, optim, tracking
+from core import checkpoints, distributed, models, optim, packing, tracking
 from data.io import write_json
 from data.chat_format import Encoded, load_tokenizer
 from data.doctor import template_ids
@@ -69,13 +69,13 @@ def build_examples(records: list[dict], fmt, margin_per_rank: float = 1.0) -> li
 
 
 def collate_preferences(examples: list[dict], pad_id: int, one_row: bool, dtype=torch.float32,
-                        rng: random.Random | None = None) -> dict:
+                        rng: random.Random | None = None, flex: bool = False) -> dict:
     """Model inputs for a batch of examples, plus the pairs as indices into the rewards it yields.
 
     Rewards come out example by example, in each example's `keys` order, in both layouts.
     better, worse: [P] long; margin: [P] float."""
     if one_row:
-        batch = collate_one_row([e["encs"] for e in examples], pad_id, dtype, rng)
+        batch = collate_one_row([e["encs"] for e in examples], pad_id, dtype, rng, flex=flex)
     else:
         batch = collate_separate([enc for e in examples for enc in e["encs"]], pad_id)
     better, worse, margin, off = [], [], [], 0
@@ -105,7 +105,8 @@ def reward_step(model, micro_batches: list[dict], accelerator, world_size: int, 
     for i, mb in enumerate(micro_batches):
         sync = i == len(micro_batches) - 1
         with distributed.micro_batch(accelerator, model, last=sync):  # gradients synchronised on the last one
-            rewards = model(**{k: mb[k] for k in MODEL_KEYS})  # [N] float32
+            inputs = packing.flex_inputs(mb)  # attention flex: the one-row BlockMask, built on the device
+            rewards = model(**{k: inputs[k] for k in MODEL_KEYS})  # [N] float32
             r_b, r_w = rewards[mb["better"]], rewards[mb["worse"]]  # [P], [P]
             bt = bradley_terry_loss_sum(r_b, r_w, mb["margin"] if use_margin else None)
             accelerator.backward(bt * world_size / max(1, n_step))
@@ -201,6 +202,7 @@ def main(recipe, out_dir: Path, inputs: dict) -> dict:
     reset = models.init_special_embeddings(model, sorted(template_ids(fmt))) if cfg.init_special_embeddings else []
     accelerator.print(f"reward model from {inputs['model']}: {'new' if new_head else 'existing'} scalar head; "
                       f"{len(examples)} rows, {n_pairs} pairs, layout {'one row' if cfg.one_row else 'separate rows'}")
+    applied = models.speedups(model, cfg)  # attention flex, liger, compile
     model = apply_lora(model, cfg.lora, gradient_checkpointing=cfg.gradient_checkpointing)
     models.gradient_checkpointing(model, cfg.gradient_checkpointing)  # activations recomputed in the backward
     scorer = RewardScorer(model)
@@ -225,7 +227,7 @@ def main(recipe, out_dir: Path, inputs: dict) -> dict:
         for m, idx in enumerate(plan[step]):
             batch = [examples[i] for i in distributed.rank_slice(idx, accelerator.process_index, world)]
             rng = random.Random(f"reward-shuffle-{recipe.seed}-{step}-{m}-{accelerator.process_index}")
-            mb = collate_preferences(batch, fmt.pad_id, cfg.one_row, dtype, rng)
+            mb = collate_preferences(batch, fmt.pad_id, cfg.one_row, dtype, rng, flex=cfg.attention == "flex")
             micro.append({k: v.to(accelerator.device) for k, v in mb.items()})
         loss, acc, pairs = reward_step(scorer, micro, accelerator, world, cfg.margin)
         speed.add(micro, fmt.pad_id, sum(len(mb["better"]) for mb in micro))
@@ -246,7 +248,8 @@ def main(recipe, out_dir: Path, inputs: dict) -> dict:
     metrics = {"steps": len(plan), "examples": len(examples), "pairs": n_pairs, "special_embeddings_reset": reset,
                "first_loss": run.first_loss,
                "final_loss": run.last_loss, "final_train_accuracy": last_acc, "one_row": cfg.one_row,
-               "margin": cfg.margin, "new_head": new_head, "responses_without_eot": no_eot, **perf, "data": report.to_dict(), **averaged}
+               "margin": cfg.margin, "new_head": new_head, "responses_without_eot": no_eot, "master_weights": cfg.master_weights,
+               "gradient_checkpointing": cfg.gradient_checkpointing, **applied, **perf, "data": report.to_dict(), **averaged}
     if accelerator.is_main_process and eval_records:
         eval_examples = build_examples(eval_records, fmt, cfg.margin_per_rank)
         with distributed.local_load(accelerator):
