@@ -295,17 +295,44 @@ def peak_tracker():
     return lambda: round(max(before[0], torch.cuda.max_memory_allocated()) / 2**30, 2)
 
 
-def project_options(stage: str, bench: dict, plain: bool, pack_tokens: int | None = None) -> dict:
-    """The memory options a project arm runs with (its row's `options`), as recipe overrides' values. SFT packs
-    a batch into rows of `pack_tokens`, default max_length. Measured on one H200 (1B shape, batch 8 of ~435
-    tokens, 2026-12-04): rows of 1024 tokens 38.3 sequences/s at 29.1 GiB, of 2048 34.6 at 29.1, the whole batch
-    in one row of 8192 30.4 at 28.4, unpacked 36.8 at 30.7: SDPA computes a packed row's whole T x T block
-    (its mask is dense), so rows much longer than the conversations cost attention for little memory."""
-    pack = bench["max_length"] if pack_tokens is None else pack_tokens
-    return {"logits_to_keep": "trained positions",  # core/logps.py: always
-            "prefix_sharing": stage.startswith("dpo") and not plain,
-            "pack_tokens": pack if stage == "sft" and not plain else 0,
-            "gradient_checkpointing": stage == "dpo_lora_8b" and not plain}
+# The project arm of each stage: the settings of the GPU recipes (recipes/llama-3.2-1b-instruct-full.yaml, the
+# 8B LoRA one for dpo_lora_8b), as recipe keys of the stage's section. --plain-project turns the layout and memory
+# options off; --variant adds arms with other values.
+PROJECT = {
+    "dpo": {"prefix_sharing": True, "pack_tokens": 0, "gradient_checkpointing": False, "attention": "sdpa",
+            "master_weights": "float32", "compile": False, "liger": False},
+    "sft": {"pack_tokens": 1024, "gradient_checkpointing": False, "attention": "sdpa", "master_weights": "float32",
+            "compile": False, "liger": False},
+    "reward": {"gradient_checkpointing": False, "attention": "sdpa", "master_weights": "float32", "compile": False,
+               "liger": False},
+    "dpo_lora_8b": {"prefix_sharing": True, "pack_tokens": 0, "gradient_checkpointing": True, "attention": "sdpa",
+                    "compile": False, "liger": False},
+}
+PLAIN = {"prefix_sharing": False, "pack_tokens": 0, "gradient_checkpointing": False, "attention": "sdpa",
+         "master_weights": "float32", "compile": False, "liger": False}
+
+
+def project_options(stage: str, plain: bool, extra: dict | None = None) -> dict:
+    """The recipe keys a project arm runs with (its row's `options`): PROJECT's for its stage, PLAIN's with
+    --plain-project, then a variant's `extra`. Every arm runs its LM head at the trained positions only."""
+    base = PROJECT[stage]
+    opts = {k: PLAIN[k] for k in base if k in PLAIN} if plain else dict(base)
+    opts.update(extra or {})
+    return {"logits_to_keep": "trained positions", **opts}
+
+
+def parse_variant(text: str) -> tuple[str, str, dict]:
+    """--variant NAME:STAGE:key=value,key=value -> (stage, arm project_NAME, the keys as YAML values)."""
+    import yaml
+
+    try:
+        name, stage, pairs = text.split(":", 2)
+        extra = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in pairs.split(",") if item)}
+    except ValueError:
+        raise SystemExit(f"--variant {text!r}: expected NAME:STAGE:key=value,key=value") from None
+    if stage not in PROJECT:
+        raise SystemExit(f"--variant {text!r}: stage must be one of {', '.join(PROJECT)}")
+    return stage, f"project_{name}", extra
 
 
 def run_stage(section: str, recipe, spec: dict) -> tuple[dict, str]:
@@ -324,11 +351,12 @@ def run_stage(section: str, recipe, spec: dict) -> tuple[dict, str]:
 
 def stage_figures(m: dict, process_peak) -> dict:
     """The speed and memory figures of a stage's metrics (core.tracking.Throughput: steady rate after the
-    warm-up steps) under the benchmark's names."""
+    warm-up steps, and what makes steps uneven) under the benchmark's names."""
     return {"tokens_per_s": m["throughput"], "examples_per_s": m["examples_per_s"], "steps_timed": m["steps_timed"],
             "warmup_steps": m["warmup_steps_excluded"], "timed_seconds": m["steady_seconds"],
             "train_seconds": m["train_seconds"], "peak_gib": m.get("peak_gpu_mem_gb"), "peak_gib_process": process_peak(),
-            "final_loss": m.get("final_loss")}
+            "final_loss": m.get("final_loss"), "step_seconds": m.get("step_seconds"),
+            "alloc_retries": m.get("alloc_retries"), "gc_collections": m.get("gc_collections")}
 
 
 def run_project(spec: dict) -> dict:
@@ -348,25 +376,24 @@ def run_project(spec: dict) -> dict:
         overrides.append(f"dpo.lora={{r: {LORA['r']}, alpha: {LORA['alpha']}, dropout: {LORA['dropout']}}}")
     if stage == "reward":
         overrides.append(f"reward.one_row={'true' if arm == 'project_one_row' else 'false'}")
-    options = project_options(stage, bench, spec.get("plain", False), spec.get("pack_tokens"))
-    overrides.append(f"{section}.gradient_checkpointing={str(options['gradient_checkpointing']).lower()}")
-    if section == "dpo":
-        overrides.append(f"dpo.prefix_sharing={str(options['prefix_sharing']).lower()}")
-    if section == "sft":
-        overrides.append(f"sft.pack_tokens={options['pack_tokens']}")
+    options = project_options(stage, spec.get("plain", False), spec.get("extra"))
+    overrides += [f"{section}.{k}={json.dumps(v)}" for k, v in options.items() if k != "logits_to_keep"]
     recipe = load_recipe(None, overrides)
     m, entry = run_stage(section, recipe, spec)
     cfg = getattr(recipe, section)
     return {
         **stage_figures(m, process_peak), "tokens_per_s_incl_warmup": m.get("throughput_incl_warmup"),
-        "options": options,
+        "options": options, "ref_precompute_seconds": m.get("ref_precompute_seconds"),
+        "examples_total": (m.get("pairs") or {}).get("pairs") if section == "dpo" else m.get("examples"),
         "flags": {"entry": entry, "overrides": overrides,
                   "precompute_ref": getattr(cfg, "precompute_ref", None), "lora": LORA if cfg.lora else None,
                   "mask_special_tokens": getattr(cfg, "mask_special_tokens", None), "one_row": getattr(cfg, "one_row", None),
                   "gradient_checkpointing": cfg.gradient_checkpointing, "prefix_sharing": getattr(cfg, "prefix_sharing", None),
                   "pack_tokens": getattr(cfg, "pack_tokens", None), "logits_to_keep": options["logits_to_keep"], "lr": cfg.lr,
-                  "weights": ("frozen base in bf16, LoRA adapters in float32" if cfg.lora else "loaded in bf16, "
-                              "trained as float32 master weights") + "; bf16 autocast (accelerate mixed_precision)"},
+                  "weights": ("frozen base in bf16, LoRA adapters in float32" if cfg.lora else
+                              "loaded in bf16, trained as float32 master weights" if cfg.master_weights == "float32" else
+                              "loaded and trained in bf16, AdamW with bf16 moments and Kahan compensation (core/optim.py)")
+                             + "; bf16 autocast (accelerate mixed_precision)"},
     }
 
 
@@ -434,6 +461,7 @@ def run_trl(spec: dict) -> dict:
                 self.peak = round(torch.cuda.max_memory_allocated() / 2**30, 2)
 
     step_tokens, step_examples, step_losses = [], [], []  # per optimizer step (one batch a step: no accumulation)
+    precompute = {"seconds": 0.0, "pairs": 0}  # trl_precompute: TRL's reference pass (in the trainer's __init__)
 
     class Timed(base):
         """The trainer, counting each step's real tokens and examples as it takes its batch."""
@@ -445,6 +473,15 @@ def run_trl(spec: dict) -> dict:
             loss = super().training_step(model, inputs, *args, **kwargs)
             step_losses.append(loss)  # the step's loss, as the project's final_loss (TRL logs means every 10 steps)
             return loss
+
+        def _precompute_ref_logps(self, dataset, *args, **kwargs):  # DPOTrainer's; timed as the project's is
+            t0 = time.perf_counter()
+            out = super()._precompute_ref_logps(dataset, *args, **kwargs)
+            if cuda:
+                torch.cuda.synchronize()
+            precompute["seconds"] += time.perf_counter() - t0
+            precompute["pairs"] += len(dataset)
+            return out
 
     timer = StepTimer()
     trainer = Timed(model=spec["model"], args=args, train_dataset=dataset, processing_class=fmt.tokenizer,
@@ -463,6 +500,7 @@ def run_trl(spec: dict) -> dict:
         "steps_timed": n - warmup, "warmup_steps": warmup, "timed_seconds": round(timed, 3),
         "train_seconds": round(timer.ends[-1] - timer.t_begin, 2), "peak_gib": timer.peak,
         "peak_gib_process": process_peak(), "final_loss": float(step_losses[-1]) if step_losses else None,
+        "ref_precompute_seconds": round(precompute["seconds"], 2) or None, "examples_total": precompute["pairs"] or None,
         "step_seconds": [round(b - a_, 4) for a_, b in zip([timer.t_begin] + timer.ends[:-1], timer.ends)],
         "options": {"gradient_checkpointing": a.gradient_checkpointing,
                     "padding_free": getattr(a, "padding_free", None), "packing": getattr(a, "packing", None)},
@@ -544,8 +582,14 @@ def row(stage: str, arm: str, r: dict, params: int, cuda: bool) -> dict:
                final_loss=None if r["final_loss"] is None else round(r["final_loss"], 4), steps_timed=r["steps_timed"],
                warmup_steps=r["warmup_steps"], timed_seconds=r["timed_seconds"], train_seconds=r["train_seconds"],
                wall_seconds=r["wall_seconds"], params=params)
-    if "step_seconds" in r:
-        out["step_seconds"] = r["step_seconds"]
+    if stage.startswith("dpo") and r.get("ref_precompute_seconds") and r.get("examples_total"):
+        # the precompute is part of the stage's work: one epoch pays it once per pair
+        per_pair = 1 / r["examples_per_s"] + r["ref_precompute_seconds"] / r["examples_total"]
+        out["pairs_per_s_incl_ref"] = round(1 / per_pair, 2)
+        out["ref_precompute_seconds"] = r["ref_precompute_seconds"]
+    for k in ("step_seconds", "alloc_retries", "gc_collections"):
+        if r.get(k) is not None:
+            out[k] = r[k]
     return out
 
 
@@ -587,8 +631,9 @@ def main(argv=None) -> int:
     ap.add_argument("--arm-timeout", type=float, default=1800, help="seconds before an arm is killed (and gets an error row)")
     ap.add_argument("--plain-project", action="store_true", help="the project arms without prefix sharing, packing and "
                     "gradient checkpointing (rows' options say so)")
-    ap.add_argument("--pack-tokens", type=int, default=None, help="the SFT project arm's sft.pack_tokens (default "
-                    "max_length)")
+    ap.add_argument("--variant", action="append", default=[], help="NAME:STAGE:key=value,... adds the arm project_NAME "
+                    "to STAGE, the project arm with those recipe keys of the stage's section changed (repeatable), e.g. "
+                    "flex:dpo:attention=flex,pack_tokens=8192")
     ap.add_argument("--_child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args._child:
@@ -603,6 +648,12 @@ def main(argv=None) -> int:
         arms = [(s, a) for s, a in arms if s in wanted or f"{s}/{a}" in wanted]
         if not arms:
             ap.error(f"--only {args.only}: no such stage or arm (--lora-8b adds dpo_lora_8b)")
+    variants = {}  # kept whatever --only says
+    for text in args.variant:
+        stage, arm, extra = parse_variant(text)
+        variants[stage, arm] = extra
+        same = [i for i, (s_, _) in enumerate(arms) if s_ == stage]
+        arms.insert(same[-1] + 1 if same else len(arms), (stage, arm))  # after its stage's arms
     work = Path(args.work) / ("tiny" if args.tiny else "full")
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HOME": str(Path(args.work) / "hf-home"),
@@ -637,7 +688,7 @@ def main(argv=None) -> int:
         name = f"{stage}-{arm}"
         spec = {"job": "trl" if arm.startswith("trl") else "project", "stage": stage, "arm": arm, "bench": bench_dict,
                 "warmup": warmup, "model": str(work / "models" / shape), "data": str(work / "data" / DATA_FILE[stage]),
-                "out_dir": str(work / "runs" / name), "plain": args.plain_project, "pack_tokens": args.pack_tokens}
+                "out_dir": str(work / "runs" / name), "plain": args.plain_project, "extra": variants.get((stage, arm))}
         print(f"== {stage} / {arm}", flush=True)
         r = spawn(spec, work, name, env, args.arm_timeout)
         shutil.rmtree(work / "runs" / name / "model", ignore_errors=True)  # the trained model: disk, not needed
@@ -686,7 +737,7 @@ def main(argv=None) -> int:
         earlier = json.loads(out_file.read_text())
         ran = {(r["stage"], r["arm"]) for r in rows}
         rows[:0] = [r for r in earlier["rows"] if (r["stage"], r["arm"]) not in ran]
-        order = {arm: i for i, arm in enumerate(ARMS + LORA_ARMS)}
+        order = {arm: i for i, arm in enumerate(ARMS + LORA_ARMS + sorted(variants))}
         rows.sort(key=lambda r: order.get((r["stage"], r["arm"]), len(order)))
         result["flags"] = {**earlier.get("flags", {}), **flags}
         result["settings"]["shapes"] = {**earlier["settings"].get("shapes", {}), **result["settings"]["shapes"]}
