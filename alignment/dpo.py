@@ -210,12 +210,13 @@ def precompute_reference(pairs, fmt: ChatFormat, cfg, accelerator, ref_model=Non
     mine += [mine[-1] if mine else 0] * (shard - len(mine))  # equal forward passes on every process (ZeRO-3
     # gathers weights collectively); the padded rows land past n and are dropped
     out = torch.zeros(shard, 2, dtype=torch.float32, device=accelerator.device)
-    bs = max(1, cfg.batch_size)
+    # forward only, no graph kept: twice the training micro-batch (packed: into rows of twice pack_tokens)
+    bs, pack = 2 * cfg.batch_size, 2 * cfg.pack_tokens
     bar = tracking.progress(range(0, len(mine), bs), desc="reference log-probs", disable=not accelerator.is_local_main_process)
     for i in bar:
         idx = mine[i : i + bs]
         batch = collate_pairs([pairs[j] for j in idx], fmt.pad_id, cfg.mask_special_tokens, prefix_sharing=cfg.prefix_sharing,
-                              mask_dtype=mask_dtype, pack_tokens=cfg.pack_tokens, flex=cfg.attention == "flex")
+                              mask_dtype=mask_dtype, pack_tokens=pack, flex=cfg.attention == "flex")
         ref_chosen, ref_rejected = reference_logps(to_device(batch, accelerator.device), ref_model, policy)
         out[i : i + len(idx)] = torch.stack([ref_chosen, ref_rejected], -1)
     if world > 1:
@@ -286,7 +287,7 @@ def main(recipe, out_dir: Path, inputs: dict) -> dict:
                                   accelerator.device)  # nf4 (LoRA required): the reference is this 4-bit base too
     # the same rows reset in the reference (below), so that policy and reference agree at step 0
     reset = models.init_special_embeddings(model, sorted(template_ids(fmt))) if cfg.init_special_embeddings else []
-    applied = models.speedups(model, cfg)  # attention flex, liger, compile
+    applied = models.speedups(model, cfg, "dpo")  # attention flex, liger, compile
     model = models.apply_lora(model, cfg.lora, gradient_checkpointing=cfg.gradient_checkpointing)
     models.gradient_checkpointing(model, cfg.gradient_checkpointing)  # activations recomputed in the backward
     models.fp32_master_weights(model, accelerator, cfg.master_weights)  # bf16 compute, float32 updates; the frozen reference stays bf16

@@ -299,14 +299,14 @@ def peak_tracker():
 # 8B LoRA one for dpo_lora_8b), as recipe keys of the stage's section. --plain-project turns the layout and memory
 # options off; --variant adds arms with other values.
 PROJECT = {
-    "dpo": {"prefix_sharing": True, "pack_tokens": 0, "gradient_checkpointing": False, "attention": "sdpa",
-            "master_weights": "float32", "compile": False, "liger": False},
-    "sft": {"pack_tokens": 1024, "gradient_checkpointing": False, "attention": "sdpa", "master_weights": "float32",
-            "compile": False, "liger": False},
-    "reward": {"gradient_checkpointing": False, "attention": "sdpa", "master_weights": "float32", "compile": False,
-               "liger": False},
-    "dpo_lora_8b": {"prefix_sharing": True, "pack_tokens": 0, "gradient_checkpointing": True, "attention": "sdpa",
-                    "compile": False, "liger": False},
+    "dpo": {"prefix_sharing": True, "pack_tokens": 8192, "gradient_checkpointing": False, "attention": "flex",
+            "master_weights": "bf16_kahan", "compile": False, "liger": True},
+    "sft": {"pack_tokens": 8192, "gradient_checkpointing": False, "attention": "flex", "master_weights": "bf16_kahan",
+            "compile": False, "liger": True},
+    "reward": {"gradient_checkpointing": False, "attention": "flex", "master_weights": "bf16_kahan", "compile": False,
+               "liger": True},
+    "dpo_lora_8b": {"prefix_sharing": True, "pack_tokens": 8192, "gradient_checkpointing": True, "attention": "flex",
+                    "compile": False, "liger": True},
 }
 PLAIN = {"prefix_sharing": False, "pack_tokens": 0, "gradient_checkpointing": False, "attention": "sdpa",
          "master_weights": "float32", "compile": False, "liger": False}
@@ -377,6 +377,10 @@ def run_project(spec: dict) -> dict:
     if stage == "reward":
         overrides.append(f"reward.one_row={'true' if arm == 'project_one_row' else 'false'}")
     options = project_options(stage, spec.get("plain", False), spec.get("extra"))
+    import torch
+
+    if not torch.cuda.is_available():  # --tiny on a CPU: FlexAttention trains on CUDA only, Liger is Triton
+        options.update(attention="sdpa", liger=False)
     overrides += [f"{section}.{k}={json.dumps(v)}" for k, v in options.items() if k != "logits_to_keep"]
     recipe = load_recipe(None, overrides)
     m, entry = run_stage(section, recipe, spec)

@@ -361,6 +361,9 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
         if stage.master_weights == "bf16_kahan" and recipe.model.dtype != "bfloat16":
             raise ConfigError(f"{src}: '{name}.master_weights: bf16_kahan' keeps the weights in bf16: it needs "
                               f"model.dtype: bfloat16 (got {recipe.model.dtype})")
+        if stage.master_weights == "bf16_kahan" and launcher in ("zero2", "zero3", "fsdp2"):
+            raise ConfigError(f"{src}: '{name}.master_weights: bf16_kahan' is for one process or ddp: launch.launcher "
+                              f"{launcher} keeps float32 master weights of its own (use master_weights: float32)")
     if recipe.dpo.pack_tokens and not recipe.dpo.prefix_sharing:
         raise ConfigError(f"{src}: 'dpo.pack_tokens' packs prefix-shared pairs: it needs dpo.prefix_sharing: true")
     if recipe.model.quantization == "nf4":  # 4-bit weights take no gradient: every stage trains adapters on them

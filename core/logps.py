@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-CHUNK = 2048  # positions log-softmaxed at once: chunk x V float32 (1 GiB at V = 128,256)
+CHUNK = 1024  # positions log-softmaxed at once: chunk x V float32 (0.5 GiB at V = 128,256)
 
 
 def shifted(input_ids: torch.Tensor) -> torch.Tensor:

@@ -161,7 +161,22 @@ def drop_quant_state(models, weights, output_dir) -> None:
             del state[key]
 
 
-def speedups(model, cfg) -> dict:
+def speedups_problem(cfg, device, section: str) -> str | None:
+    """Why a stage's compute options (its config section `section`) cannot run on `device`, in one line (None: they can)."""
+    if cfg.attention == "flex" and device.type != "cuda":
+        return (f"{section}.attention: flex trains on CUDA only (FlexAttention has no backward on {device.type}); "
+                "use attention: sdpa")
+    if cfg.liger:
+        if device.type != "cuda":
+            return f"{section}.liger: Liger's kernels are Triton kernels for CUDA; this stage runs on {device.type}"
+        try:
+            import liger_kernel.transformers  # noqa: F401 - the patching module speedups uses
+        except ImportError:
+            return f"{section}.liger: liger-kernel is not installed (pip install liger-kernel)"
+    return None
+
+
+def speedups(model, cfg, section: str) -> dict:
     """The compute options of a training stage's config, on a model just loaded (before LoRA wraps it); returns
     what was applied, for the stage's metrics.
 
@@ -173,6 +188,10 @@ def speedups(model, cfg) -> dict:
     - compile: torch.compile of each decoder layer (the layers are the same code: one compiled graph, reused),
       dynamic in the sequence length so that every batch shape does not recompile."""
     applied = {"attention": cfg.attention, "liger": False, "compile": False}
+    if why := speedups_problem(cfg, next(model.parameters()).device, section):
+        from core.config import ConfigError
+
+        raise ConfigError(why)
     if cfg.attention == "flex":
         model.set_attn_implementation("flex_attention")
     if cfg.liger:

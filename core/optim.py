@@ -46,6 +46,7 @@ class KahanAdamW(torch.optim.Optimizer):
                 loss = closure()
         for group in self.param_groups:
             lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+            hps = {}
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -56,23 +57,51 @@ class KahanAdamW(torch.optim.Optimizer):
                         state[name] = torch.zeros_like(p, dtype=torch.bfloat16, memory_format=torch.contiguous_format)
                 state["step"] += 1
                 t = state["step"]
-                step_size, bc2_sqrt = lr / (1 - b1**t), math.sqrt(1 - b2**t)
+                if (t, p.device) not in hps:  # the step's scalars, once per step and device
+                    hps[t, p.device] = torch.tensor([1 - lr * wd, b1, b2, eps, lr / (1 - b1**t), math.sqrt(1 - b2**t)],
+                                                    dtype=torch.float32).to(p.device)
+                hp = hps[t, p.device]
                 tensors = (p, p.grad, state["exp_avg"], state["exp_avg_sq"], state["compensation"])
+                if p.is_cuda:  # one fused kernel a tensor: no float32 temporaries, nothing to chunk
+                    _compiled_update()(*tensors, hp)
+                    continue
                 if p.is_contiguous() and p.grad.is_contiguous():  # views of the flat tensors: written in place
                     pieces = zip(*(x.view(-1).split(self.chunk_size) for x in tensors))
                 else:
                     pieces = [tensors]
-                for w_lo, g, m_lo, v_lo, c_lo in pieces:
-                    g = g.float()
-                    m = m_lo.float().mul_(b1).add_(g, alpha=1 - b1)
-                    v = v_lo.float().mul_(b2).addcmul_(g, g, value=1 - b2)
-                    m_lo.copy_(m)
-                    v_lo.copy_(v)
-                    w = w_lo.float().add_(c_lo.float()).mul_(1 - lr * wd)  # the weight with what rounding dropped
-                    w.addcdiv_(m, v.sqrt_().div_(bc2_sqrt).add_(eps), value=-step_size)
-                    w_lo.copy_(w)  # round to nearest in the weight's dtype
-                    c_lo.copy_(w.sub_(w_lo.float()))  # what that rounding dropped: added back next step
+                for piece in pieces:
+                    kahan_update_(*piece, hp)
         return loss
+
+
+def kahan_update_(w_lo, g, m_lo, v_lo, c_lo, hp) -> None:
+    """One KahanAdamW update of a weight (or a chunk of one), in place; hp: [6] float32 = (1 - lr * wd, b1, b2,
+    eps, lr / (1 - b1^t), sqrt(1 - b2^t)), a tensor so that a compiled version never recompiles for new values."""
+    decay, b1, b2, eps, step_size, bc2_sqrt = hp.unbind()
+    g = g.float()
+    m = m_lo.float() * b1 + (1 - b1) * g
+    v = v_lo.float() * b2 + (1 - b2) * g * g
+    w = (w_lo.float() + c_lo.float()) * decay  # the weight with what rounding dropped, decayed
+    w = w - step_size * m / (v.sqrt() / bc2_sqrt + eps)
+    rounded = w.to(w_lo.dtype)  # round to nearest in the weight's dtype
+    m_lo.copy_(m)
+    v_lo.copy_(v)
+    c_lo.copy_(w - rounded.float())  # what that rounding dropped: added back next step
+    w_lo.copy_(rounded)
+
+
+_COMPILED = []
+
+
+def _compiled_update():
+    """kahan_update_ compiled (CUDA): one kernel reads weight, gradient and state and writes them back, where
+    the eager version runs ~15 kernels with float32 temporaries (measured on an H200, 1B shape: the eager
+    optimizer step cost 30 ms of a 0.2 s DPO step). dynamic: one graph for every tensor size.
+    emulate_precision_casts: without it inductor folds `w.to(bf16).float()` into `w`, the rounding error it
+    measures is then 0 and the compensation silently does nothing (tests/test_optim_kahan.py catches it)."""
+    if not _COMPILED:
+        _COMPILED.append(torch.compile(kahan_update_, dynamic=True, fullgraph=True, options={"emulate_precision_casts": True}))
+    return _COMPILED[0]
 
 
 def make_optimizer(model, cfg, total_steps: int):

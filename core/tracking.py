@@ -81,8 +81,8 @@ class Throughput:
     - `train_seconds`: the whole loop, warm-up included, and `throughput_incl_warmup` the rate over it;
     - `peak_gpu_mem_gb` (GiB) on CUDA: torch.cuda.max_memory_allocated over the whole loop (warm-up included),
       the max over processes.
-    - what makes steps uneven (this process): `step_seconds` (median and max of the timed steps, and how many
-      took over twice the median), the CUDA caching allocator's `alloc_retries` (a cudaMalloc that failed and
+    - what makes steps uneven (this process): `step_seconds` (median and max of the timed steps, how many
+      took over twice the median, and for those their micro-batch shapes and whether that shape was new), the CUDA caching allocator's `alloc_retries` (a cudaMalloc that failed and
       was retried after freeing every cached block: a stall of the whole GPU) and `gc_collections` (Python's
       full, generation-2 garbage collections) during the loop.
 
@@ -96,6 +96,7 @@ class Throughput:
         self.step_tokens: list[int] = []
         self.step_examples: list[int] = []
         self.step_ends: list[float] = []  # perf_counter when each step's forward/backward was done
+        self.step_shapes: list[list[list[int]]] = []  # each step's micro-batch shapes [rows, T]
         self.cuda = torch.cuda.is_available()
         if self.cuda:
             torch.cuda.reset_peak_memory_stats()
@@ -106,6 +107,7 @@ class Throughput:
     def add(self, micro_batches: list[dict], pad_id: int, examples: int) -> None:
         """This process's micro-batches of one optimizer step (the pad token is a dedicated one: never content)."""
         self.step_tokens.append(sum(int((mb["input_ids"] != pad_id).sum()) for mb in micro_batches))
+        self.step_shapes.append([list(mb["input_ids"].shape) for mb in micro_batches])
         self.step_examples.append(examples)
         if self.cuda:  # the step ends when its kernels are done, not when they are queued
             torch.cuda.synchronize()
@@ -134,8 +136,15 @@ class Throughput:
         timed = sorted(b - a for a, b in zip(ends[w:], ends[w + 1 :]))  # the steady steps' durations
         if timed:
             median = timed[len(timed) // 2]
+            durations = [b - a for a, b in zip(ends, ends[1:])]
+            seen, slow = set(), []
+            for i, (d, shapes) in enumerate(zip(durations, self.step_shapes)):
+                key = str(shapes)
+                if i >= w and d > 2 * median:  # a slow step: was its shape new (a kernel choice, a recompile)?
+                    slow.append({"step": i, "seconds": round(d, 3), "shapes": shapes, "new_shape": key not in seen})
+                seen.add(key)
             out["step_seconds"] = {"median": round(median, 4), "max": round(timed[-1], 4),
-                                   "over_2x_median": sum(t > 2 * median for t in timed)}
+                                   "over_2x_median": len(slow), "slow_steps": slow[:10]}
         out["gc_collections"] = gc.get_stats()[2]["collections"] - self.gc0
         if self.cuda:
             out["alloc_retries"] = torch.cuda.memory_stats().get("num_alloc_retries", 0) - self.retries0

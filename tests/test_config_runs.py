@@ -148,3 +148,20 @@ def test_stage_refuses_input_with_other_template(tmp_path):
     run = StageRun(tmp_path / "down", "s", {}, {"data": up}, template_hash="bbb")
     with pytest.raises(ValueError, match="made with tokenizer/template aaa"):
         run.check_template(up)
+
+
+def test_gpu_only_compute_options_refused_on_cpu_in_one_line():
+    """attention: flex and liger are CUDA-only: a stage on the CPU refuses them with a ConfigError naming the
+    key (exit 2 through pipeline.run), before any training."""
+    import torch
+
+    from core.models import speedups_problem
+
+    recipe = load_recipe(None, ["dpo.attention=flex"])
+    why = speedups_problem(recipe.dpo, torch.device("cpu"), "dpo")
+    assert why.startswith("dpo.attention: flex") and "\n" not in why
+    why = speedups_problem(load_recipe(None, ["sft.liger=true"]).sft, torch.device("cpu"), "sft")
+    assert why.startswith("sft.liger") and "\n" not in why
+    assert speedups_problem(recipe.sft, torch.device("cpu"), "sft") is None
+    with pytest.raises(ConfigError, match="bf16_kahan"):
+        load_recipe(None, ["model.dtype=bfloat16", "dpo.master_weights=bf16_kahan", "launch.launcher=zero3"])
