@@ -5,6 +5,7 @@ weights, the special-embedding fix, and saving (atomic, LoRA merged, in the load
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import os
 import re
@@ -169,9 +170,7 @@ def speedups_problem(cfg, device, section: str) -> str | None:
     if cfg.liger:
         if device.type != "cuda":
             return f"{section}.liger: Liger's kernels are Triton kernels for CUDA; this stage runs on {device.type}"
-        try:
-            import liger_kernel.transformers  # noqa: F401 - the patching module speedups uses
-        except ImportError:
+        if importlib.util.find_spec("liger_kernel") is None:
             return f"{section}.liger: liger-kernel is not installed (pip install liger-kernel)"
     return None
 
