@@ -287,7 +287,7 @@ def main(recipe, out_dir: Path, inputs: dict) -> dict:
                                   accelerator.device)  # nf4 (LoRA required): the reference is this 4-bit base too
     # the same rows reset in the reference (below), so that policy and reference agree at step 0
     reset = models.init_special_embeddings(model, sorted(template_ids(fmt))) if cfg.init_special_embeddings else []
-    applied = models.speedups(model, cfg, "dpo")  # attention flex, liger, compile
+    applied = models.speedups(model, cfg, "dpo", accelerator.device)  # attention flex, liger, compile
     model = models.apply_lora(model, cfg.lora, gradient_checkpointing=cfg.gradient_checkpointing)
     models.gradient_checkpointing(model, cfg.gradient_checkpointing)  # activations recomputed in the backward
     models.fp32_master_weights(model, accelerator, cfg.master_weights)  # bf16 compute, float32 updates; the frozen reference stays bf16

@@ -93,7 +93,7 @@ def main(recipe, out_dir: Path, inputs: dict) -> dict:
     model = models.load_causal_lm(inputs["model"], recipe.model.dtype, recipe.model.dropout, recipe.model.quantization,
                                   accelerator.device)  # nf4: quantized on this process's device as it loads
     reset = models.init_special_embeddings(model, sorted(template_ids(fmt))) if cfg.init_special_embeddings else []
-    applied = models.speedups(model, cfg, "sft")  # attention flex (packed rows: transformers' block mask), liger, compile
+    applied = models.speedups(model, cfg, "sft", accelerator.device)  # attention flex (packed rows: transformers' block mask), liger, compile
     model = models.apply_lora(model, cfg.lora, gradient_checkpointing=cfg.gradient_checkpointing)
     models.gradient_checkpointing(model, cfg.gradient_checkpointing)  # activations recomputed in the backward
     models.fp32_master_weights(model, accelerator, cfg.master_weights)  # bf16 compute, float32 updates (or KahanAdamW)

@@ -175,7 +175,7 @@ def speedups_problem(cfg, device, section: str) -> str | None:
     return None
 
 
-def speedups(model, cfg, section: str) -> dict:
+def speedups(model, cfg, section: str, device) -> dict:
     """The compute options of a training stage's config, on a model just loaded (before LoRA wraps it); returns
     what was applied, for the stage's metrics.
 
@@ -187,7 +187,7 @@ def speedups(model, cfg, section: str) -> dict:
     - compile: torch.compile of each decoder layer (the layers are the same code: one compiled graph, reused),
       dynamic in the sequence length so that every batch shape does not recompile."""
     applied = {"attention": cfg.attention, "liger": False, "compile": False}
-    if why := speedups_problem(cfg, next(model.parameters()).device, section):
+    if why := speedups_problem(cfg, torch.device(device), section):  # where it will train (it may load on the CPU)
         from core.config import ConfigError
 
         raise ConfigError(why)

@@ -202,7 +202,7 @@ def main(recipe, out_dir: Path, inputs: dict) -> dict:
     reset = models.init_special_embeddings(model, sorted(template_ids(fmt))) if cfg.init_special_embeddings else []
     accelerator.print(f"reward model from {inputs['model']}: {'new' if new_head else 'existing'} scalar head; "
                       f"{len(examples)} rows, {n_pairs} pairs, layout {'one row' if cfg.one_row else 'separate rows'}")
-    applied = models.speedups(model, cfg, "reward")  # attention flex, liger, compile
+    applied = models.speedups(model, cfg, "reward", accelerator.device)  # attention flex, liger, compile
     model = apply_lora(model, cfg.lora, gradient_checkpointing=cfg.gradient_checkpointing)
     models.gradient_checkpointing(model, cfg.gradient_checkpointing)  # activations recomputed in the backward
     scorer = RewardScorer(model)
