@@ -21,21 +21,26 @@ batch 8, max_length 1024, 40 optimizer steps, bf16 compute; the first 5 steps ar
                             float32 + bf16 autocast, a second copy as the reference) with the project's loss:
                             loss_type ["sigmoid", "sft"], loss_weights [1.0, 0.2]
           trl_precompute    the same with precompute_ref_log_probs=True
-          project           alignment.dpo.main (reference log-probs precomputed, float32 master weights, bf16
-                            autocast, no gradient checkpointing, formatting tokens masked; prefix sharing: one
-                            row per pair, the prompt once)
+          project           alignment.dpo.main with the options of PROJECT below (reference log-probs
+                            precomputed; prefix sharing with the 8 pairs of a step in one row of up to 8192
+                            tokens; FlexAttention block masks; bf16 weights with KahanAdamW; Liger kernels;
+                            no gradient checkpointing; formatting tokens masked)
   sft     trl_default       trl.SFTTrainer, TRL's defaults (loss on every token: the cost is the same)
-          project           alignment.sft.main, each batch's conversations packed into rows of up to
-                            max_length tokens (sft.pack_tokens 1024; --pack-tokens changes it)
+          project           alignment.sft.main, a step's conversations packed into one row (pack_tokens
+                            8192), the same options
   reward  project_one_row   reward.train.main, prompt + 3 ranked responses in one row (Llama 3)
-          project_separate  the same, one row per response
+          project_separate  the same, one row per response (both: flex, bf16_kahan, liger)
   dpo_lora_8b (--lora-8b)   a Llama-3.1-8B shape (32 layers, hidden 4096, 32/8 heads, SwiGLU 14336, untied),
                             LoRA r 16, alpha 32, dropout 0 on all 7 projections, the frozen base in bf16:
                             trl_default, trl_precompute (TRL with a peft LoraConfig) and project (dpo.lora,
-                            prefix sharing, gradient checkpointing on)
+                            packed prefix sharing, flex, Liger, gradient checkpointing on)
+  --variant NAME:STAGE:key=value,...  adds the arm project_NAME: the project arm with those recipe keys changed
 Every project arm runs its LM head only at the positions that predict a trained token (core/logps.py: the one
-code path). --plain-project turns prefix sharing, packing and gradient checkpointing off, to measure what they
-save; each row's `options` says what its arm ran with.
+code path). --plain-project turns prefix sharing, packing, flex, Kahan, Liger and gradient checkpointing off,
+to measure what they save; each row's `options` says what its arm ran with. On a CPU (--tiny) the project
+arms use SDPA and no Liger (both CUDA-only), and say so in `options`.
+DPO rows also carry pairs_per_s_incl_ref: one epoch's rate with the reference precompute counted in (its
+seconds spread over every pair it covered), for the project and trl_precompute arms.
 
 Figures per arm (a row of the JSON): examples/s (pairs, sequences, or records and pairs for the reward model) and
 tokens/s (real, non-pad input tokens: a DPO pair counts its chosen and rejected sequences once each; the reference
