@@ -382,3 +382,67 @@ def test_engine_kwargs_cpu_and_gpu():
     assert kw["enable_chunked_prefill"] is False and kw["max_num_batched_tokens"] >= 8000 and kw["enforce_eager"]
     gpu = engine_kwargs({**spec, "cpu": False})
     assert "enable_chunked_prefill" not in gpu and "enforce_eager" not in gpu
+
+
+def _eom_policy(fmt, out):
+    """A 1-layer Llama on the real llama3.1 vocabulary that answers every prompt with one plain token A, then
+    <|eom_id|>: the layer's outputs are zeroed (the residual stream is the token's embedding), A's embedding
+    reads one direction and every other token's another, and the output rows map 'not A' -> A, 'A' -> eom."""
+    import torch
+
+    from core.config import ModelConfig
+    from data.tiny import make_model
+
+    model = make_model(fmt, out, ModelConfig(hidden_size=64, num_layers=1, num_heads=2, num_kv_heads=1,
+                                             intermediate_size=64), seed=0)
+    a = fmt.text_ids(" hello")[0]
+    with torch.no_grad():
+        layer = model.model.layers[0]
+        layer.self_attn.o_proj.weight.zero_()
+        layer.mlp.down_proj.weight.zero_()
+        emb = model.model.embed_tokens.weight
+        emb.zero_()
+        emb[:, 0] = 1.0
+        emb[a, 0], emb[a, 1] = 0.0, 1.0
+        model.model.norm.weight.fill_(1.0)
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[a, 0] = 50.0
+        model.lm_head.weight[fmt.eom_id, 1] = 50.0
+    model.save_pretrained(str(out), safe_serialization=True)
+    return a
+
+
+@pytest.mark.vllm
+def test_real_engine_stops_on_eom_and_keeps_it(tmp_path, llama31_fmt):
+    """The sampling stage with a real vLLM (CPU) engine and the llama3.1 format: a policy that calls a built-in
+    tool ends its turn with <|eom_id|>; the engine stops there, and the candidate keeps eom as its last token
+    (not replaced by eot, nothing appended), finish_reason stop, not truncated."""
+    import torch
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from core.config import load_recipe
+    from sampling.sample import main
+
+    f = llama31_fmt
+    a = _eom_policy(f, tmp_path / "policy")
+    cfg = LlamaConfig.from_pretrained(tmp_path / "policy")
+    cfg.num_labels, cfg.pad_token_id = 1, f.pad_id
+    torch.manual_seed(1)
+    LlamaForSequenceClassification(cfg).save_pretrained(str(tmp_path / "reward"), safe_serialization=True)
+    f.tokenizer.save_pretrained(str(tmp_path / "reward"))
+    prompts = [{"id": "p0", "prompt": [{"role": "user", "content": "What is the weather in Paris?"}],
+                "builtin_tools": ["brave_search"]},
+               {"id": "p1", "prompt": [{"role": "user", "content": "Hello there."}]}]
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(p) + "\n" for p in prompts))
+    (tmp_path / "recipe.yaml").write_text("name: test\nmodel:\n  chat_template: llama3.1\n")
+    recipe = load_recipe(tmp_path / "recipe.yaml", ["sampling.k=2", "sampling.max_tokens=8", "sampling.seed=3"])
+    main(recipe, tmp_path / "out", {"policy": str(tmp_path / "policy"), "reward": str(tmp_path / "reward"),
+                                    "prompts": str(tmp_path / "prompts.jsonl")})
+    got = _candidates(tmp_path / "out")
+    assert len(got) == 4
+    for (pid, k), (ids, finish, _) in got.items():
+        assert list(ids) == [a, f.eom_id], (pid, k, ids)
+        assert finish == "stop"
+    recs = [r for p in sorted((tmp_path / "out" / "candidates").glob("shard-*.jsonl")) for r in read_jsonl(p)[0]]
+    assert all(not c["truncated"] for r in recs for c in r["candidates"])
+    assert {r["id"]: r.get("builtin_tools") for r in recs}["p0"] == ["brave_search"]
