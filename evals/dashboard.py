@@ -288,7 +288,7 @@ def policy_charts(base: dict | None, rounds: list[dict]) -> list[dict]:
         return {"kind": "bar", "name": name, "title": title, "series": [t for _, t in keys], **kw,
                 "groups": [{"label": lab, "values": [number(f.get(k)) for k, _ in keys]} for lab, f in rows]}
 
-    series = ["SFT", "random-of-K", "best-of-K", "oracle-of-K", "DPO"]
+    series = ["SFT", "random-of-K", "best-of-K (DPO's chosen data)", "oracle-of-K", "DPO"]
     gold = {"kind": "bar", "name": "gold", "title": "Gold score by stage and round", "series": series, "y_range": [0, 1],
             "ref": [{"y": number(base.get("gold_score")), "label": "base model"}] if base and number(base.get("gold_score")) is not None else [],
             "groups": [{"label": f"round {rd['round']}", "values": [
