@@ -29,7 +29,8 @@ batch 8, max_length 1024, 40 optimizer steps, bf16 compute; the first 5 steps ar
           project           alignment.sft.main, a step's conversations packed into one row (pack_tokens
                             8192), the same options
   reward  project_one_row   reward.train.main, prompt + 3 ranked responses in one row (Llama 3)
-          project_separate  the same, one row per response (both: flex, bf16_kahan, liger)
+          project_separate  the same, one row per response (both: flex, bf16_kahan, liger; the one-rows
+                            packed into rows of 8192 tokens, reward.pack_tokens)
   dpo_lora_8b (--lora-8b)   a Llama-3.1-8B shape (32 layers, hidden 4096, 32/8 heads, SwiGLU 14336, untied),
                             LoRA r 16, alpha 32, dropout 0 on all 7 projections, the frozen base in bf16:
                             trl_default, trl_precompute (TRL with a peft LoraConfig) and project (dpo.lora,
@@ -308,8 +309,8 @@ PROJECT = {
             "master_weights": "bf16_kahan", "compile": False, "liger": True},
     "sft": {"pack_tokens": 8192, "gradient_checkpointing": False, "attention": "flex", "master_weights": "bf16_kahan",
             "compile": False, "liger": True},
-    "reward": {"gradient_checkpointing": False, "attention": "flex", "master_weights": "bf16_kahan", "compile": False,
-               "liger": True},
+    "reward": {"pack_tokens": 8192, "gradient_checkpointing": False, "attention": "flex", "master_weights": "bf16_kahan",
+               "compile": False, "liger": True},  # project_separate: pack_tokens 0 (it packs one-rows only)
     "dpo_lora_8b": {"prefix_sharing": True, "pack_tokens": 8192, "gradient_checkpointing": True, "attention": "flex",
                     "compile": False, "liger": True},
 }
@@ -386,6 +387,8 @@ def run_project(spec: dict) -> dict:
 
     if not torch.cuda.is_available():  # --tiny on a CPU: FlexAttention trains on CUDA only, Liger is Triton
         options.update(attention="sdpa", liger=False)
+    if arm == "project_separate":  # a row per response: nothing to pack (reward.pack_tokens packs one-rows)
+        options["pack_tokens"] = 0
     overrides += [f"{section}.{k}={json.dumps(v)}" for k, v in options.items() if k != "logits_to_keep"]
     recipe = load_recipe(None, overrides)
     m, entry = run_stage(section, recipe, spec)

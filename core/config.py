@@ -142,15 +142,17 @@ class TrainConfig:
     # attention of packed and prefix-shared rows (core/packing.py): sdpa with a dense [B, 1, T, T] mask, or flex:
     # FlexAttention with a block mask built from the same rule (CUDA; the masked blocks are skipped)
     attention: Literal["sdpa", "flex"] = "sdpa"
+    # > 0: a micro-batch packed into rows of at most this many tokens (first fit; core/packing.py), each example
+    # its own document, no pad between them: SFT's conversations (position ids restarting at each), the reward
+    # model's one-row records and DPO's prefix-shared pairs (each its prompt then its responses). 0: a row each
+    pack_tokens: int = num(0, ge=0)
     compile: bool = False  # torch.compile each decoder layer of the trained model (core.models.speedups)
     liger: bool = False  # Liger's RMSNorm, SwiGLU and RoPE Triton kernels (CUDA, liger-kernel; core.models.speedups)
 
 
 @dataclass
 class SFTConfig(TrainConfig):
-    # > 0: each micro-batch's conversations packed into rows of at most this many tokens (first fit), position
-    # ids restarting at each conversation and a per-conversation causal mask: no pad between them. 0: a row each
-    pack_tokens: int = num(0, ge=0)
+    """SFT's section: TrainConfig's keys (pack_tokens packs its conversations)."""
 
 
 @dataclass
@@ -202,9 +204,6 @@ class DPOConfig(TrainConfig):
     # one row per pair: prompt, chosen, rejected, the prompt computed once (exact: a 4D mask and position ids,
     # core/packing.py); false: two rows per pair. The policy pass and the reference log-probs alike.
     prefix_sharing: bool = True
-    # > 0 (with prefix_sharing): a micro-batch's pairs packed into rows of at most this many tokens, each pair its
-    # own document (prompt, chosen, rejected), no pad between them; 0: a row per pair
-    pack_tokens: int = num(0, ge=0)
 
 
 @dataclass
@@ -366,6 +365,8 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
                               f"{launcher} keeps float32 master weights of its own (use master_weights: float32)")
     if recipe.dpo.pack_tokens and not recipe.dpo.prefix_sharing:
         raise ConfigError(f"{src}: 'dpo.pack_tokens' packs prefix-shared pairs: it needs dpo.prefix_sharing: true")
+    if recipe.reward.pack_tokens and not recipe.reward.one_row:
+        raise ConfigError(f"{src}: 'reward.pack_tokens' packs one-row records: it needs reward.one_row: true")
     if recipe.model.quantization == "nf4":  # 4-bit weights take no gradient: every stage trains adapters on them
         full = [name for name in ("sft", "reward", "dpo") if getattr(recipe, name).lora is None]
         if len(full) == 3:

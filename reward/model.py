@@ -186,17 +186,26 @@ def collate_separate(encs: list[Encoded], pad_id: int, side: str = "right", pad_
 
 
 def collate_one_row(groups: list[list[Encoded]], pad_id: int, dtype: torch.dtype = torch.float32,
-                    rng: random.Random | None = None, pad_to: int = 0, flex: bool = False) -> dict:
+                    rng: random.Random | None = None, pad_to: int = 0, flex: bool = False, pack_tokens: int = 0) -> dict:
     """One row per group (a prompt's 2-3 responses), right-padded: core.packing's shared-prefix row, the
     placement of the responses shuffled by `rng`. Rewards come out group by group, in each group's given
     order, whatever the placement: index [N, 2] (row, position of each response's last token). With `flex`,
-    doc and branch [B, T] instead of attention_mask (packing.flex_inputs makes the BlockMask on the device)."""
+    doc and branch [B, T] instead of attention_mask (packing.flex_inputs makes the BlockMask on the device).
+    With `pack_tokens`, the groups' rows packed first fit into rows of at most pack_tokens tokens, each group
+    its own document; the rewards still come out group by group in the given order."""
     if any(len(r) == 0 for g in groups for r in packing.split_prompt(g)[1]):  # its reward would be the prompt's
         raise ValueError("one-row layout: a response is empty after the shared prompt (identical encodings?)")
-    rows = [packing.prefix_row(g, rng) for g in groups]
+    singles = [packing.prefix_row(g, rng, doc=i) for i, g in enumerate(groups)]
+    bins = packing.pack_greedy([len(r) for r in singles], pack_tokens) if pack_tokens else [[i] for i in range(len(groups))]
+    rows = [packing.join_rows([singles[i] for i in b]) for b in bins]
     batch = packing.collate_rows(rows, pad_id, dtype, pad_to, flex)  # input_ids, position_ids, attention_mask [B, 1, T, T]
     batch.pop("prev_pos")
-    batch["index"] = torch.tensor([(b, w[-1]) for b, r in enumerate(rows) for w in r.where], dtype=torch.long)
+    last = {}  # group -> the (row, position) of each of its responses' last token
+    for b, (members, row) in enumerate(zip(bins, rows)):
+        seqs = iter(row.where)
+        for i in members:
+            last[i] = [(b, next(seqs)[-1]) for _ in groups[i]]
+    batch["index"] = torch.tensor([x for i in range(len(groups)) for x in last[i]], dtype=torch.long)
     return batch
 
 

@@ -69,13 +69,13 @@ def build_examples(records: list[dict], fmt, margin_per_rank: float = 1.0) -> li
 
 
 def collate_preferences(examples: list[dict], pad_id: int, one_row: bool, dtype=torch.float32,
-                        rng: random.Random | None = None, flex: bool = False) -> dict:
+                        rng: random.Random | None = None, flex: bool = False, pack_tokens: int = 0) -> dict:
     """Model inputs for a batch of examples, plus the pairs as indices into the rewards it yields.
 
     Rewards come out example by example, in each example's `keys` order, in both layouts.
     better, worse: [P] long; margin: [P] float."""
     if one_row:
-        batch = collate_one_row([e["encs"] for e in examples], pad_id, dtype, rng, flex=flex)
+        batch = collate_one_row([e["encs"] for e in examples], pad_id, dtype, rng, flex=flex, pack_tokens=pack_tokens)
     else:
         batch = collate_separate([enc for e in examples for enc in e["encs"]], pad_id)
     better, worse, margin, off = [], [], [], 0
@@ -227,7 +227,8 @@ def main(recipe, out_dir: Path, inputs: dict) -> dict:
         for m, idx in enumerate(plan[step]):
             batch = [examples[i] for i in distributed.rank_slice(idx, accelerator.process_index, world)]
             rng = random.Random(f"reward-shuffle-{recipe.seed}-{step}-{m}-{accelerator.process_index}")
-            mb = collate_preferences(batch, fmt.pad_id, cfg.one_row, dtype, rng, flex=cfg.attention == "flex")
+            mb = collate_preferences(batch, fmt.pad_id, cfg.one_row, dtype, rng, flex=cfg.attention == "flex",
+                                     pack_tokens=cfg.pack_tokens)
             micro.append({k: v.to(accelerator.device) for k, v in mb.items()})
         loss, acc, pairs = reward_step(scorer, micro, accelerator, world, cfg.margin)
         speed.add(micro, fmt.pad_id, sum(len(mb["better"]) for mb in micro))
@@ -249,7 +250,7 @@ def main(recipe, out_dir: Path, inputs: dict) -> dict:
                "first_loss": run.first_loss,
                "final_loss": run.last_loss, "final_train_accuracy": last_acc, "one_row": cfg.one_row,
                "margin": cfg.margin, "new_head": new_head, "responses_without_eot": no_eot, "master_weights": cfg.master_weights,
-               "gradient_checkpointing": cfg.gradient_checkpointing, **applied, **perf, "data": report.to_dict(), **averaged}
+               "gradient_checkpointing": cfg.gradient_checkpointing, "pack_tokens": cfg.pack_tokens, **applied, **perf, "data": report.to_dict(), **averaged}
     if accelerator.is_main_process and eval_records:
         eval_examples = build_examples(eval_records, fmt, cfg.margin_per_rank)
         with distributed.local_load(accelerator):

@@ -157,6 +157,35 @@ def test_one_row_equals_separate_rows(tiny, attn):
     assert sep.dtype == torch.float32
 
 
+def test_packed_one_rows_equal_separate_rows(tiny):
+    """reward.pack_tokens: several records' one-rows packed into one row (each its own document) give the
+    separate rows' rewards, in the records' order, and the step's loss and gradients of the unpacked one-rows."""
+    fmt = tiny["fmt"]
+    model, _ = init_reward_model(tiny["base"], fmt.pad_id, seed=1)
+    _, ex = three(fmt)
+    groups = [e["encs"] for e in ex]
+    scorer = RewardScorer(model).eval()
+    with torch.no_grad():
+        sep = scorer(**collate_separate([e for g in groups for e in g], fmt.pad_id))
+        whole = collate_one_row(groups, fmt.pad_id, rng=random.Random(0), pack_tokens=10_000)
+        two = collate_one_row(groups, fmt.pad_id, rng=random.Random(0), pack_tokens=len(whole["input_ids"][0]) - 1)
+        assert whole["input_ids"].shape[0] == 1 and (whole["input_ids"] != fmt.pad_id).all()  # one row, no pad
+        assert two["input_ids"].shape[0] == 2
+        for b in (whole, two):
+            torch.testing.assert_close(scorer(**b), sep, atol=1e-5, rtol=0)
+    scorer.train()
+    acc = distributed.make_accelerator(tiny["dir"], "none")
+    out = []
+    for pack in (0, 10_000):
+        batch = collate_preferences(ex, fmt.pad_id, True, rng=random.Random(0), pack_tokens=pack)
+        loss, _, n = reward_step(scorer, [batch], acc, 1)
+        out.append((loss, {k: p.grad.clone() for k, p in scorer.named_parameters()}))
+        scorer.zero_grad(set_to_none=True)
+    assert out[0][0] == pytest.approx(out[1][0], rel=1e-5)
+    for k in out[0][1]:
+        torch.testing.assert_close(out[1][1][k], out[0][1][k], atol=1e-6, rtol=1e-4)
+
+
 def test_one_row_shuffles_placement_but_not_reward_order(tiny):
     fmt = tiny["fmt"]
     _, ex = three(fmt)
