@@ -214,9 +214,9 @@ def test_dpo_stage_metrics_equal_with_and_without_prefix_sharing(model_dir, sets
         for a, b in zip(logs[layout], logs[False, 0]):
             for k in ("train/loss", "train/dpo", "train/nll", "train/rewards/margins", "train/logps/chosen",
                       "train/logps/rejected", "train/grad_norm", "train/lr", "train/tokens"):
-                assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-6), (layout, k)
+                assert a[k] == pytest.approx(b[k], rel=1e-5, abs=2e-6), (layout, k)  # logged rounded to 1e-6
         for k in dpo.METRICS:
-            assert metrics[layout][k] == pytest.approx(metrics[False, 0][k], rel=1e-5, abs=1e-6), (layout, k)
+            assert metrics[layout][k] == pytest.approx(metrics[False, 0][k], rel=1e-5, abs=2e-6), (layout, k)  # rounded to 1e-6
 
 
 # -- SFT: packed == a row each ----------------------------------------------------------------------------------------

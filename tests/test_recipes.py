@@ -85,7 +85,8 @@ def test_real_model_recipes_use_llama3_hyperparameters(path):
     assert r.model.name_or_path == {"70b": "meta-llama/Llama-3.1-70B-Instruct", "8b": "meta-llama/Llama-3.1-8B-Instruct",
                                     "1b": "meta-llama/Llama-3.2-1B-Instruct"}[size]
     assert r.model.dtype == "bfloat16" and r.task.kind == "files"
-    assert r.dpo.mask_special_tokens is True and r.dpo.nll_mask_special_tokens is True  # formatting masked everywhere
+    # formatting masked in the DPO term (Llama 3); the chosen eot kept in the NLL term (measured, issue 14)
+    assert r.dpo.mask_special_tokens is True and r.dpo.nll_mask_special_tokens is False
     assert 10 <= r.sampling.k <= 30  # Llama 3: K from 10 to 30
     qlora = path.stem.endswith("-qlora")
     lora = qlora or path.stem.endswith("-lora")
