@@ -6,6 +6,7 @@
     llama3_dir          the folder holding that tokenizer.json
     llama31_fmt         that vocabulary with Llama 3.1's special-token names, in the llama3.1 format
     tiny_lm             tiny_lm(fmt, seed=0): a 2-layer random LlamaForCausalLM on that vocabulary
+    bf16_sft_inputs     bf16_sft_inputs(n): a tiny bf16 base model folder and n SFT records, for the bf16 tests
 
 and, for every test, a fresh accelerate state afterwards.
 """
@@ -105,3 +106,25 @@ def A(text):
 
 def S(text):
     return {"role": "system", "content": text}
+
+
+@pytest.fixture
+def bf16_sft_inputs(tmp_path, tiny_fmt, tiny_lm):
+    """make(n): a tiny bf16 base model folder and n default-task SFT records in tmp_path -> (model dir, data
+    path, the base's weights) for the bf16 training tests."""
+
+    def make(n: int):
+        import torch
+        from safetensors.torch import load_file
+
+        from data.default_task import generate
+        from data.io import write_jsonl
+
+        model_dir = tmp_path / "base"
+        tiny_lm(tiny_fmt).to(torch.bfloat16).save_pretrained(model_dir, safe_serialization=True)
+        tiny_fmt.tokenizer.save_pretrained(model_dir)
+        records = generate(seed=1, n_sft=n, n_preference=0, n_eval_preference=0, n_eval_prompts=0, n_sampling_prompts=0)["sft"]
+        write_jsonl(tmp_path / "sft.jsonl", records)
+        return model_dir, tmp_path / "sft.jsonl", load_file(model_dir / "model.safetensors")
+
+    return make

@@ -152,26 +152,19 @@ def test_recipe_key_picks_optimizer_and_keeps_bf16_weights():
         load_recipe(None, ["model.dtype=float32", "dpo.master_weights=bf16_kahan"])
 
 
-def test_sft_bf16_kahan_trains_in_bf16(tmp_path, tiny_fmt, tiny_lm, monkeypatch):
+def test_sft_bf16_kahan_trains_in_bf16(tmp_path, bf16_sft_inputs, monkeypatch):
     """The SFT stage with `sft.master_weights=bf16_kahan`: the optimizer is KahanAdamW on bf16 weights (no
     float32 copy), the loss falls, every weight moves, the saved model is bf16 (a checkpoint is written
     midway, so accelerate saves the optimizer's state too)."""
     from alignment import sft
     from core import optim
-    from data.default_task import generate
-    from data.io import write_jsonl
     from safetensors.torch import load_file
 
     made = []
     real = optim.make_optimizer
     monkeypatch.setattr(optim, "make_optimizer", lambda *a, **k: made.append(real(*a, **k)) or made[-1])
 
-    model_dir = tmp_path / "base"
-    tiny_lm(tiny_fmt).to(torch.bfloat16).save_pretrained(model_dir, safe_serialization=True)
-    tiny_fmt.tokenizer.save_pretrained(model_dir)
-    before = load_file(model_dir / "model.safetensors")
-    records = generate(seed=1, n_sft=48, n_preference=0, n_eval_preference=0, n_eval_prompts=0, n_sampling_prompts=0)["sft"]
-    write_jsonl(tmp_path / "sft.jsonl", records)
+    model_dir, _, before = bf16_sft_inputs(48)
     recipe = load_recipe(None, ["model.dtype=bfloat16", "sft.master_weights=bf16_kahan", "sft.lr=3e-3", "sft.max_steps=12",
                                 "sft.batch_size=4", "sft.report_to=none", "sft.warmup_ratio=0", "sft.save_every=6"])
     metrics = sft.main(recipe, tmp_path / "out", {"model": model_dir, "data": tmp_path / "sft.jsonl"})

@@ -113,20 +113,13 @@ def test_sft_smoke_every_parameter_changes(tmp_path, tiny_fmt, tiny_lm):
     assert log and "train/loss" in log[0]
 
 
-def test_sft_bf16_recipe_trains_float32_masters_saves_bf16(tmp_path, tiny_fmt, tiny_lm):
+def test_sft_bf16_recipe_trains_float32_masters_saves_bf16(tmp_path, bf16_sft_inputs):
     """A bf16 recipe: the trainable weights are float32 masters (bf16 compute by autocast), so updates of
     lr 2e-5 accumulate instead of rounding away in bf16's 8-bit mantissa; the model is saved in bf16."""
     from alignment import sft
-    from data.io import write_jsonl
-    from data.default_task import generate
     from safetensors.torch import load_file
 
-    model_dir = tmp_path / "base"
-    tiny_lm(tiny_fmt).to(torch.bfloat16).save_pretrained(model_dir, safe_serialization=True)
-    tiny_fmt.tokenizer.save_pretrained(model_dir)
-    before = load_file(model_dir / "model.safetensors")
-    records = generate(seed=1, n_sft=40, n_preference=0, n_eval_preference=0, n_eval_prompts=0, n_sampling_prompts=0)["sft"]
-    write_jsonl(tmp_path / "sft.jsonl", records)
+    model_dir, _, before = bf16_sft_inputs(40)
     recipe = load_recipe(None, ["model.dtype=bfloat16", "sft.lr=3e-5", "sft.max_steps=10", "sft.batch_size=4",
                                 "sft.report_to=none", "sft.warmup_ratio=0"])
     sft.main(recipe, tmp_path / "out", {"model": model_dir, "data": tmp_path / "sft.jsonl"})
