@@ -105,14 +105,25 @@ def table(rows: list[dict], summary: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
+    ap.add_argument("--seeds", nargs="+", default=["0", "1", "2", "3", "4"])
     ap.add_argument("--recipe", default="recipes/default.yaml")
     ap.add_argument("--output-dir", default="runs")
     ap.add_argument("--out", help="JSON path (default bench/results/seeds-<date>-<machine>.json)")
     ap.add_argument("overrides", nargs="*", help="key=value recipe overrides for every seed")
     args = ap.parse_intermixed_args(argv)
+    # `--seeds 5 6 dpo.lr=5e-4`: --seeds takes the words that follow it; those with `=` are overrides
+    args.overrides = [w for w in args.seeds if "=" in w] + args.overrides
+    try:
+        args.seeds = [int(w) for w in args.seeds if "=" not in w]
+    except ValueError as e:
+        ap.error(f"--seeds: {e}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     rows = []
     for seed in args.seeds:
         report, seconds = run_seed(seed, args.recipe, args.overrides, args.output_dir)

@@ -134,3 +134,15 @@ def test_default_recipe_holds_on_two_seeds(tmp_path):
     for r in rows:
         assert r["dpo_minus_sft"] >= 0.10, r
         assert r["rm_accuracy"] >= 0.90, r
+
+
+def test_seeds_command_line_takes_overrides_after_the_seeds():
+    """bench/seeds.py --seeds 5 6 dpo.lr=5e-4: the seeds, then an override for every seed (its docstring's use)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from seeds import parse_args
+
+    a = parse_args(["--seeds", "5", "6", "dpo.lr=5e-4", "--out", "x.json"])
+    assert a.seeds == [5, 6] and a.overrides == ["dpo.lr=5e-4"] and a.out == "x.json"
+    assert parse_args([]).seeds == [0, 1, 2, 3, 4]
+    with pytest.raises(SystemExit):
+        parse_args(["--seeds", "five"])
