@@ -36,7 +36,7 @@ from data.io import write_json  # noqa: E402
 COLUMNS = [("sft", "sft", "gold_score"), ("best_of_k", "sampling", "best_of_k_gold_score"),
            ("random_of_k", "sampling", "random_of_k_gold_score"), ("dpo", "dpo", "gold_score"),
            ("dpo_minus_sft", None, None), ("rm_accuracy", "reward", "rm_accuracy"),
-           ("kl_to_reference", "dpo", "kl_to_reference")]
+           ("kl_to_reference", "dpo", "kl_to_reference"), ("dpo_stop_rate", "dpo", "stop_rate")]
 PROMISE = {"dpo_minus_sft": 0.10, "rm_accuracy": 0.90}  # per seed, at least
 MEAN_GAIN = 0.15  # DPO - SFT, mean over the seeds
 
