@@ -180,6 +180,12 @@ class SamplingConfig:
     tensor_parallel: int = num(1, ge=1)
     gpu_memory_utilization: float = num(0.3, gt=0, le=1)
     enforce_eager: bool = False  # GPU: skip torch.compile and CUDA graphs (an engine starts in seconds, not minutes)
+    # engine settings (sampling/engine.py; bench/sampling_speed.py measures them): the stage reads token ids only,
+    # so vLLM's detokenization is off unless asked; 0 / null leave vLLM's own default
+    detokenize: bool = False
+    max_num_seqs: int = num(0, ge=0)  # sequences decoded at once per engine
+    enable_prefix_caching: bool = True  # the K children of a prompt share its KV blocks
+    enable_chunked_prefill: bool | None = None  # forced off on the CPU (see engine_kwargs)
     max_prompts: int = num(-1, ge=-1)  # -1: all
     # where the engines run (sampling/ray_backend.py): local = worker processes on this host (data_parallel of
     # them); ray = one Ray actor per engine on a Ray cluster, shards handed out as actors free up. Same candidates.

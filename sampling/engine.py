@@ -51,12 +51,16 @@ def score_candidates(model, fmt, prompts: list[list[dict]], completions: list[li
 def engine_kwargs(spec: dict) -> dict:
     """Arguments of `vllm.LLM` for a worker spec (one code path for CPU and GPU, CPU-only tweaks marked)."""
     cfg = section(SamplingConfig, spec["cfg"], "sampling")
-    kw = dict(model=spec["policy"], tokenizer=spec["policy"], seed=cfg.seed, enable_prefix_caching=True,
+    kw = dict(model=spec["policy"], tokenizer=spec["policy"], seed=cfg.seed, enable_prefix_caching=cfg.enable_prefix_caching,
               load_format="safetensors",  # as every other loader: never a pickle (vLLM's "auto" falls back to .bin)
               tensor_parallel_size=cfg.tensor_parallel, gpu_memory_utilization=cfg.gpu_memory_utilization,
               dtype=spec["dtype"], max_model_len=spec["max_model_len"])
     if cfg.enforce_eager:  # no torch.compile / CUDA graphs: a GPU engine starts sooner, generates slower
         kw["enforce_eager"] = True
+    if cfg.max_num_seqs:
+        kw["max_num_seqs"] = cfg.max_num_seqs
+    if cfg.enable_chunked_prefill is not None:
+        kw["enable_chunked_prefill"] = cfg.enable_chunked_prefill
     if spec["cpu"]:
         # torch.compile costs ~50 s per start on CPU; a 1-process engine starts in seconds. No chunked
         # prefill: vLLM-CPU crashes ("CPU Generator does not use offset") when a seeded request's prefill
@@ -83,7 +87,8 @@ def generate_shard(llm, entries: list[dict], cfg: SamplingConfig, fmt) -> tuple[
     from vllm import SamplingParams
 
     params = [SamplingParams(n=cfg.k, temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens,
-                             seed=e["seed"], stop_token_ids=list(fmt.stop_ids)) for e in entries]
+                             seed=e["seed"], stop_token_ids=list(fmt.stop_ids), detokenize=cfg.detokenize)
+              for e in entries]  # the candidates' text is decoded here from their ids (fmt.decode), not by vLLM
     t0 = time.perf_counter()
     outs = llm.generate([{"prompt_token_ids": e["prompt_ids"]} for e in entries], params, use_tqdm=False)
     gen_s = time.perf_counter() - t0

