@@ -371,6 +371,9 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
         if stage.master_weights == "bf16_kahan" and launcher in ("zero2", "zero3", "fsdp2"):
             raise ConfigError(f"{src}: '{name}.master_weights: bf16_kahan' is for one process or ddp: launch.launcher "
                               f"{launcher} keeps float32 master weights of its own (use master_weights: float32)")
+    if recipe.eval.temperature == 0 and recipe.eval.samples_per_prompt > 1:  # generate() refuses it mid-run
+        raise ConfigError(f"{src}: 'eval.temperature: 0' is greedy: one answer per prompt, so eval.samples_per_prompt "
+                          f"must be 1 (got {recipe.eval.samples_per_prompt})")
     if recipe.dpo.pack_tokens and not recipe.dpo.prefix_sharing:
         raise ConfigError(f"{src}: 'dpo.pack_tokens' packs prefix-shared pairs: it needs dpo.prefix_sharing: true")
     if recipe.reward.pack_tokens and not recipe.reward.one_row:

@@ -165,3 +165,11 @@ def test_gpu_only_compute_options_refused_on_cpu_in_one_line():
     assert speedups_problem(recipe.sft, torch.device("cpu"), "sft") is None
     with pytest.raises(ConfigError, match="bf16_kahan"):
         load_recipe(None, ["model.dtype=bfloat16", "dpo.master_weights=bf16_kahan", "launch.launcher=zero3"])
+
+
+def test_greedy_eval_with_several_samples_refused_at_load():
+    """eval.temperature 0 with samples_per_prompt 2 (the default recipe's) crashed in transformers' generate
+    after a whole stage had trained; it is one line at load time now."""
+    with pytest.raises(ConfigError, match="eval.samples_per_prompt must be 1"):
+        load_recipe(ROOT / "recipes" / "default.yaml", ["eval.temperature=0"])
+    assert load_recipe(ROOT / "recipes" / "default.yaml", ["eval.temperature=0", "eval.samples_per_prompt=1"]).eval.temperature == 0
