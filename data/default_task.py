@@ -23,6 +23,8 @@ from __future__ import annotations
 import random
 import re
 
+from data.formats import DataError
+
 FACTS = {
     "sound": {"cow": "moo", "dog": "woof", "cat": "meow", "duck": "quack", "sheep": "baa", "lion": "roar",
               "owl": "hoot", "snake": "hiss", "horse": "neigh", "pig": "oink", "bee": "buzz", "frog": "croak"},
@@ -100,14 +102,24 @@ def gold_score(prompt: str | list[dict], response: str) -> float:
 
 
 # -- data sets ------------------------------------------------------------------------------------------
+MAX_MISSES = 20_000  # draws in a row that give no new prompt: the category has run out of distinct prompts
+
+
 def _prompts(rng: random.Random, n: int, exclude: set[str]) -> list[tuple[str, str]]:
-    """n distinct prompts, categories in turn, none in `exclude` (the held-out sets)."""
-    out, seen = [], set()
+    """n distinct prompts, categories in turn, none in `exclude` (the held-out sets). A category whose distinct
+    prompts run out is a DataError naming the sizes to lower (it looped forever before)."""
+    out, seen, misses = [], set(), 0
     while len(out) < n:
         cat = CATEGORIES[len(out) % len(CATEGORIES)]
         p = make_prompt(rng, cat)
         if p in exclude or p in seen:
+            misses += 1
+            if misses >= MAX_MISSES:
+                raise DataError(f"default task: {n} distinct prompts asked, but category '{cat}' ran out after "
+                                f"{len(out)} in all: lower task.n_sft + task.n_preference + task.n_sampling_prompts "
+                                "(or the eval sizes)")
             continue
+        misses = 0
         seen.add(p)
         out.append((cat, p))
     return out

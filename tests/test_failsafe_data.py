@@ -318,3 +318,20 @@ def test_dashboard_server_serves_reports_only(tmp_path):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_default_task_sizes_past_its_prompts_are_one_line(tmp_path):
+    """task.n_preference=3000 asks the default task for more distinct prompts than its categories hold
+    (about 4,900 in all): the prepare stage used to loop forever; now it exits 2 with one line naming the keys."""
+    import sys
+
+    from data import default_task
+    from data.formats import DataError
+
+    with pytest.raises(DataError, match="task.n_sft"):
+        default_task.generate(seed=4, n_preference=3000)
+    res = subprocess.run([sys.executable, "-m", "pipeline.run", "recipes/default.yaml", "--stage", "prepare",
+                          "task.n_preference=3000", f"output_dir={tmp_path}"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "ran out" in res.stderr and "task.n_preference" in res.stderr
