@@ -128,3 +128,18 @@ def bf16_sft_inputs(tmp_path, tiny_fmt, tiny_lm):
         return model_dir, tmp_path / "sft.jsonl", load_file(model_dir / "model.safetensors")
 
     return make
+
+
+def kill_at_first_checkpoint(monkeypatch, stage, run) -> None:
+    """Run `run()` (a stage's main) until `stage` (the stage's module) has written its first checkpoint, then stop
+    it there as a kill would (KeyboardInterrupt); the real save is back afterwards, for the resumed run."""
+    real_save = stage.checkpoints.save_checkpoint
+
+    def save_then_die(*a, **k):
+        real_save(*a, **k)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(stage.checkpoints, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run()
+    monkeypatch.setattr(stage.checkpoints, "save_checkpoint", real_save)

@@ -17,7 +17,7 @@ import torch
 from alignment import dpo
 from core.config import DPOConfig, LoraConfig, ModelConfig, load_recipe
 from core.losses import dpo_loss, dpo_nll_loss
-from tests.conftest import full_logps
+from tests.conftest import full_logps, kill_at_first_checkpoint
 from data import default_task
 from data.tiny import make_model, train_tokenizer
 
@@ -318,17 +318,9 @@ def test_main_resumes_after_a_kill(tiny, tmp_path, monkeypatch):
                  "dpo.save_every=1"]
     dpo.main(load_recipe(None, overrides), tmp_path / "full", {"model": model_dir, "data": data})
 
-    real_save = dpo.checkpoints.save_checkpoint
-
-    def save_then_die(*a, **k):
-        real_save(*a, **k)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(dpo.checkpoints, "save_checkpoint", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        dpo.main(load_recipe(None, overrides), tmp_path / "killed", {"model": model_dir, "data": data})
+    kill_at_first_checkpoint(monkeypatch, dpo, lambda: dpo.main(load_recipe(None, overrides), tmp_path / "killed",
+                                                                  {"model": model_dir, "data": data}))
     assert (tmp_path / "killed" / "checkpoints" / "ref_logps.pt").exists()
-    monkeypatch.setattr(dpo.checkpoints, "save_checkpoint", real_save)
     monkeypatch.setattr(dpo, "precompute_reference", lambda *a, **k: pytest.fail("reference recomputed"))
     dpo.main(load_recipe(None, overrides), tmp_path / "killed", {"model": model_dir, "data": data})
     log = [json.loads(line)["step"] for line in (tmp_path / "killed" / "train_log.jsonl").read_text().splitlines()]

@@ -25,6 +25,7 @@ from core import models
 from core.config import ConfigError, ModelConfig, load_recipe
 from data import default_task
 from data.tiny import make_model, train_tokenizer
+from tests.conftest import kill_at_first_checkpoint
 
 pytest.importorskip("bitsandbytes")  # an optional dependency (the cpu and gpu extras install it)
 
@@ -150,16 +151,8 @@ def test_killed_qlora_run_resumes_to_the_same_weights(tiny, tmp_path, monkeypatc
     overrides = qlora("sft.lr=1e-2", "sft.max_steps=2", "sft.batch_size=4", "sft.report_to=none", "sft.max_length=128",
                       "sft.save_every=1")
     sft.main(load_recipe(None, overrides), tmp_path / "full", {"model": model_dir, "data": files["sft"]})
-    real_save = sft.checkpoints.save_checkpoint
-
-    def save_then_die(*a, **k):
-        real_save(*a, **k)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(sft.checkpoints, "save_checkpoint", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        sft.main(load_recipe(None, overrides), tmp_path / "killed", {"model": model_dir, "data": files["sft"]})
-    monkeypatch.setattr(sft.checkpoints, "save_checkpoint", real_save)
+    kill_at_first_checkpoint(monkeypatch, sft, lambda: sft.main(load_recipe(None, overrides), tmp_path / "killed",
+                                                                  {"model": model_dir, "data": files["sft"]}))
     kept = trained_model(monkeypatch)
     sft.main(load_recipe(None, overrides), tmp_path / "killed", {"model": model_dir, "data": files["sft"]})
     check_base_unchanged(models.load_causal_lm(model_dir, "bfloat16", quantization="nf4"), kept["model"])
