@@ -103,9 +103,7 @@ def collate_pairs(pairs: list[tuple[Encoded, Encoded]], pad_id: int, mask_specia
     nll_special = mask_special_tokens and nll_mask_special_tokens
     chosen, rejected = [c for c, _ in pairs], [r for _, r in pairs]
     if prefix_sharing:
-        lengths = [len(c) + len(r) - len(packing.split_prompt([c, r])[0]) for c, r in pairs]
-        bins = packing.pack_greedy(lengths, pack_tokens) if pack_tokens else [[i] for i in range(len(pairs))]
-        rows = [packing.join_rows([packing.prefix_row(list(pairs[i]), doc=d) for d, i in enumerate(b)]) for b in bins]
+        bins, rows = packing.pack_rows([packing.prefix_row(list(p), doc=i) for i, p in enumerate(pairs)], pack_tokens)
         batch = packing.collate_rows(rows, pad_id, mask_dtype, flex=flex)  # input_ids, attention_mask, position_ids, prev_pos
         T = batch["input_ids"].shape[1]
 

@@ -115,6 +115,14 @@ def join_rows(rows: list[Row]) -> Row:
     return out
 
 
+def pack_rows(rows: list[Row], capacity: int) -> tuple[list[list[int]], list[Row]]:
+    """Rows whose documents have distinct ids, joined first fit into rows of at most `capacity` tokens (0: left
+    as they are): (the indices of the rows in each packed row, the packed rows). DPO's pairs, the reward model's
+    one-rows."""
+    bins = pack_greedy([len(r) for r in rows], capacity) if capacity else [[i] for i in range(len(rows))]
+    return bins, [join_rows([rows[i] for i in b]) for b in bins]
+
+
 def document_row(encs: list[Encoded]) -> Row:
     """Whole sequences back to back, each its own document, position ids restarting at 0 (packed SFT)."""
     row = Row()

@@ -133,10 +133,10 @@ class Throughput:
                "warmup_steps_excluded": w, "steps_timed": n - w, "steady_seconds": round(steady, 3),
                "throughput_incl_warmup": round(counts[2].item() / max(seconds, 1e-9), 1)}
         ends = [self.t0] + self.step_ends
-        timed = sorted(b - a for a, b in zip(ends[w:], ends[w + 1 :]))  # the steady steps' durations
+        durations = [b - a for a, b in zip(ends, ends[1:])]  # each step's, warm-up included
+        timed = sorted(durations[w:])  # the steady steps'
         if timed:
             median = timed[len(timed) // 2]
-            durations = [b - a for a, b in zip(ends, ends[1:])]
             seen, slow = set(), []
             for i, (d, shapes) in enumerate(zip(durations, self.step_shapes)):
                 key = str(shapes)

@@ -195,9 +195,7 @@ def collate_one_row(groups: list[list[Encoded]], pad_id: int, dtype: torch.dtype
     its own document; the rewards still come out group by group in the given order."""
     if any(len(r) == 0 for g in groups for r in packing.split_prompt(g)[1]):  # its reward would be the prompt's
         raise ValueError("one-row layout: a response is empty after the shared prompt (identical encodings?)")
-    singles = [packing.prefix_row(g, rng, doc=i) for i, g in enumerate(groups)]
-    bins = packing.pack_greedy([len(r) for r in singles], pack_tokens) if pack_tokens else [[i] for i in range(len(groups))]
-    rows = [packing.join_rows([singles[i] for i in b]) for b in bins]
+    bins, rows = packing.pack_rows([packing.prefix_row(g, rng, doc=i) for i, g in enumerate(groups)], pack_tokens)
     batch = packing.collate_rows(rows, pad_id, dtype, pad_to, flex)  # input_ids, position_ids, attention_mask [B, 1, T, T]
     batch.pop("prev_pos")
     last = {}  # group -> the (row, position) of each of its responses' last token
