@@ -284,7 +284,7 @@ def main(recipe, out_dir, inputs: dict) -> dict:
         progress = json.loads(prog_path.read_text())
     except (OSError, ValueError):
         progress = {}
-    for p in cand_dir.glob(".shard-*.tmp"):  # temp files of a killed writer
+    for p in cand_dir.glob(".*.tmp"):  # temp files of a killed writer (a shard, or progress.json mid-write)
         p.unlink(missing_ok=True)
     if progress.get("key") != key:
         for p in cand_dir.glob("shard-*.jsonl"):

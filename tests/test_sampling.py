@@ -358,6 +358,7 @@ def test_kill9_resume_and_torn_shard(stage):
     torn = written[-1]
     text = torn.read_text()
     torn.write_text(text[: len(text) - 40])  # a torn last line
+    (out / "candidates" / ".progress.json.x1y2z3.tmp").write_text("{")  # as a kill in the middle of write_json leaves
     metrics = main(stage["recipe"], out, stage["inputs"])
     print(f"\n[timing] killed run {t1 - t0:.1f}s (to 2 shards), resumed run {time.time() - t1:.1f}s")
     assert metrics["shards_resumed"] == len(written) - 1
