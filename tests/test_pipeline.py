@@ -110,7 +110,7 @@ def test_default_recipe_figures(tmp_path):
     prep = report["stages"]["prepare"]
     assert s["sft"]["gold_score"] > prep["gold_score"] + 0.2
     assert s["sft"]["gold_score"] < 0.9
-    assert s["reward"]["rm_accuracy"] >= 0.85
+    assert s["reward"]["rm_accuracy"] >= 0.90  # the promise of issue 14 (0.948 on seed 0 here)
     assert s["sampling"]["best_of_k_gold_score"] > s["sampling"]["random_of_k_gold_score"] + 0.1
     assert s["dpo"]["gold_score"] >= s["sft"]["gold_score"] + 0.10
     assert s["dpo"]["win_rate_vs_sft_gold"] > 0.55 and s["dpo"]["win_rate_vs_sft_rm"] > 0.55
