@@ -30,6 +30,15 @@ def atomic_open(path: str | os.PathLike, mode: str = "w"):
         raise
 
 
+def remove_temp_files(folder: str | os.PathLike) -> int:
+    """Delete the temp files that `atomic_open` leaves in `folder` when its writer is killed (kill -9 skips the
+    cleanup above); call it only while no live writer uses the folder. Returns how many were removed."""
+    stale = list(Path(folder).glob(".*.tmp"))  # atomic_open's names: .<target name>.<random>.tmp
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return len(stale)
+
+
 def write_json(path, obj) -> None:
     with atomic_open(path) as f:
         json.dump(obj, f, indent=2, sort_keys=True, default=str)

@@ -60,7 +60,7 @@ from core.evaluate import pearson
 from core.models import require_safetensors
 from core.runs import TemplateMismatch, hash_obj, recorded_hash
 from core.tracking import progress
-from data.io import atomic_open, write_json, write_jsonl
+from data.io import atomic_open, remove_temp_files, write_json, write_jsonl
 from data.chat_format import ChatFormatError, load_tokenizer, tool_args
 from data.default_task import judge
 from data.formats import DataError
@@ -284,8 +284,7 @@ def main(recipe, out_dir, inputs: dict) -> dict:
         progress = json.loads(prog_path.read_text())
     except (OSError, ValueError):
         progress = {}
-    for p in cand_dir.glob(".*.tmp"):  # temp files of a killed writer (a shard, or progress.json mid-write)
-        p.unlink(missing_ok=True)
+    remove_temp_files(cand_dir)  # of a killed writer: a shard, or progress.json mid-write
     if progress.get("key") != key:
         for p in cand_dir.glob("shard-*.jsonl"):
             p.unlink()
