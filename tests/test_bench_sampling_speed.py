@@ -32,5 +32,8 @@ def test_tiny_run_writes_plain_and_stage_rows(tmp_path, monkeypatch):
     assert rows["stage"]["settings"]["detokenize"] is False and rows["stage_nocache"]["settings"]["enable_prefix_caching"] is False
     # the stage's candidates depend on (prompt, seed, k, settings): prefix caching changes no id on the CPU
     assert rows["stage_nocache"]["reward_mean"] == rows["stage"]["reward_mean"]
-    assert set(result["ratios"]) == {"stage / plain_vllm", "stage_nocache / plain_vllm"}
+    assert result["ratios"]["stage_nocache same ids as stage"] is True
+    assert result["ratios"]["stage_nocache same rewards as stage"] is True
+    assert set(result["ratios"]) == {"stage / plain_vllm", "stage_nocache / plain_vllm", "stage_nocache / stage",
+                                     "stage_nocache same ids as stage", "stage_nocache same rewards as stage"}
     assert result["versions"]["vllm"]
