@@ -12,8 +12,9 @@ nearly every candidate runs to max_tokens: the work is fixed by the shapes.
 
 Arms, one after another, each in its own process:
   plain_vllm      vllm.LLM(model) with vLLM's defaults (on the CPU the settings vLLM-CPU needs), one warm-up
-                  call, then ONE generate over all prompts with SamplingParams(n=K, temperature 1, seeded, the
-                  stop ids): the peer. Its candidates are then scored by the same reward model (not timed).
+                  call, then ONE generate over all prompts with SamplingParams(n=K, temperature 1, the stop ids,
+                  no per-request seed: the engine's seed 0): the peer. Its candidates are then scored by the same
+                  reward model (not timed).
   stage           sampling.sample.main, the pipeline's stage, with the recipe's sampling settings (detokenize
                   off, prefix caching on, gpu_memory_utilization 0.3, shards of 64 prompts)
   stage_<name>    --variant NAME:key=value,...: the stage with those sampling keys changed
@@ -120,7 +121,9 @@ def run_plain(spec: dict) -> dict:
     t0 = time.perf_counter()
     llm = LLM(**kw)
     start = time.perf_counter() - t0
-    sp = SamplingParams(n=bench["k"], temperature=1.0, max_tokens=bench["max_tokens"], seed=0, stop_token_ids=list(fmt.stop_ids))
+    # no per-request seed (vLLM's default; the engine's seed 0 above): the stage seeds every request, and vLLM then
+    # draws each seeded request's noise on its own, one kernel per sequence per step; this arm shows that cost
+    sp = SamplingParams(n=bench["k"], temperature=1.0, max_tokens=bench["max_tokens"], stop_token_ids=list(fmt.stop_ids))
     llm.generate([{"prompt_token_ids": ids[0]}], sp, use_tqdm=False)  # warm-up
     t0 = time.perf_counter()
     outs = llm.generate([{"prompt_token_ids": p} for p in ids], sp, use_tqdm=False)
