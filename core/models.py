@@ -369,7 +369,7 @@ def merge_lora_state(state: dict, peft_model) -> dict:
 
     Works on a gathered ZeRO-3 / FSDP state dict, where peft's in-place merge_and_unload cannot (the modules
     hold shards). Matches merge_and_unload (tested). modules_to_save copies (the reward head) replace their
-    originals."""
+    originals. The merged matrices are returned on the CPU."""
     from peft.tuners.lora import LoraLayer
 
     adapter = peft_model.active_adapter
@@ -382,7 +382,11 @@ def merge_lora_state(state: dict, peft_model) -> dict:
             b = state.pop(f"{name}.lora_B.{adapter}.weight").float()
             w = state[f"{name}.base_layer.weight"]
             delta = (b @ a) * mod.scaling[adapter]
-            state[f"{name}.base_layer.weight"] = (w.float() + (delta.T if mod.fan_in_fan_out else delta).to(w.device)).to(w.dtype)
+            # merged on the adapter's device, then moved to the CPU one matrix at a time (save_pretrained writes from
+            # there anyway): kept on the GPU, they held a second copy of the base (an 8B LoRA DPO run on an H200 peaked
+            # at 29.0 GiB while saving, against its training loop's 20.6)
+            merged = w.to(delta.device).float() + (delta.T if mod.fan_in_fan_out else delta)
+            state[f"{name}.base_layer.weight"] = merged.to(w.dtype).cpu()
     out = {}
     for k, v in state.items():
         if ".original_module." in k and k.replace(".original_module.", f".modules_to_save.{adapter}.") in state:
