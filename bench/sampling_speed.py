@@ -121,8 +121,8 @@ def run_plain(spec: dict) -> dict:
     t0 = time.perf_counter()
     llm = LLM(**kw)
     start = time.perf_counter() - t0
-    # no per-request seed (vLLM's default; the engine's seed 0 above): the stage seeds every request, and vLLM then
-    # draws each seeded request's noise on its own, one kernel per sequence per step; this arm shows that cost
+    # no per-request seed (vLLM's default; the engine's seed 0 above): the stage seeds every request, so that its
+    # candidates do not depend on batching; against this arm, what those seeds cost
     sp = SamplingParams(n=bench["k"], temperature=1.0, max_tokens=bench["max_tokens"], stop_token_ids=list(fmt.stop_ids))
     llm.generate([{"prompt_token_ids": ids[0]}], sp, use_tqdm=False)  # warm-up
     t0 = time.perf_counter()
