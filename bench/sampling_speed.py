@@ -17,7 +17,8 @@ Arms, one after another, each in its own process:
                   reward model (not timed).
   stage           sampling.sample.main, the pipeline's stage, with the recipe's sampling settings (detokenize
                   off, prefix caching on, gpu_memory_utilization 0.3, shards of 64 prompts)
-  stage_<name>    --variant NAME:key=value,...: the stage with those sampling keys changed
+  stage_<name>    --variant NAME:key=value,...: the stage with those sampling keys changed; a key env.VAR sets
+                  that environment variable for the arm (e.g. env.VLLM_USE_V2_MODEL_RUNNER=0)
 
 Figures per arm: generated tokens/s (completion tokens, stop token included, over the seconds spent inside
 vLLM's generate: the stage's gen_seconds, summed over its shards), candidates, the mean length and the share
@@ -100,6 +101,11 @@ def reward_stats(rewards: list[float], lengths: list[int], stopped: list[bool]) 
             "reward_mean": round(statistics.mean(rewards), 5), "reward_std": round(statistics.pstdev(rewards), 5)}
 
 
+def vllm_env() -> dict:
+    """The VLLM_* environment variables this arm ran with."""
+    return {k: v for k, v in sorted(os.environ.items()) if k.startswith("VLLM_")}
+
+
 def run_plain(spec: dict) -> dict:
     """(child) vLLM's defaults, one call over every prompt; then the same reward model scores the candidates."""
     from data.chat_format import load_tokenizer
@@ -136,7 +142,7 @@ def run_plain(spec: dict) -> dict:
     rewards = score_candidates(rm, fmt, [c[0] for c in cands], [c[1] for c in cands], batch_size=64)
     tokens = sum(len(c[1]) for c in cands)
     return {"tokens_per_s": round(tokens / secs, 1), "generate_seconds": round(secs, 3), "tokens": tokens,
-            "engine_start_seconds": round(start, 2), "engine_settings": kw,
+            "engine_start_seconds": round(start, 2), "engine_settings": kw, "vllm_env": vllm_env(),
             **reward_stats(rewards, [len(c[1]) for c in cands], [c[2] for c in cands])}
 
 
@@ -161,7 +167,8 @@ def run_stage(spec: dict) -> dict:
         return hashlib.sha256(json.dumps([[c[key] for c in r["candidates"]] for r in records]).encode()).hexdigest()[:16]
 
     return {"tokens_per_s": m["tokens_per_s"], "generate_seconds": m["generation_seconds"], "tokens": tokens,
-            "ids_sha256": digest("completion_ids"), "rewards_sha256": digest("reward"), "ray_retries": m.get("ray_retries"), "overrides": overrides,
+            "ids_sha256": digest("completion_ids"), "rewards_sha256": digest("reward"), "ray_retries": m.get("ray_retries"),
+            "vllm_env": vllm_env(), "overrides": overrides,
             "settings": {k: getattr(recipe.sampling, k) for k in ("detokenize", "max_num_seqs", "enable_prefix_caching",
                          "enable_chunked_prefill", "enforce_eager", "gpu_memory_utilization", "shard_size")},
             **reward_stats([c["reward"] for c in cands], [c["num_tokens"] for c in cands], [not c["truncated"] for c in cands])}
@@ -170,7 +177,8 @@ def run_stage(spec: dict) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tiny", action="store_true", help="the CPU: a tiny model, 8 prompts, K=4, 16 tokens")
-    ap.add_argument("--variant", action="append", default=[], help="NAME:key=value,...: a stage arm with those sampling keys")
+    ap.add_argument("--variant", action="append", default=[], help="NAME:key=value,...: a stage arm with those sampling "
+                    "keys (env.VAR=value: an environment variable of the arm)")
     ap.add_argument("--work", default="/tmp/sampling-speed")
     ap.add_argument("--out", default=None, help="results folder (default bench/results; --tiny: <work>/results)")
     ap.add_argument("--arm-timeout", type=float, default=1200)
@@ -188,20 +196,23 @@ def main(argv=None) -> int:
         env.update(CUDA_VISIBLE_DEVICES="", VLLM_CPU_KVCACHE_SPACE=env.get("VLLM_CPU_KVCACHE_SPACE", "1"))
     else:
         env["CUDA_VISIBLE_DEVICES"] = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]
-    arms = [("plain_vllm", "plain", None), ("stage", "stage", None)]
+    arms = [("plain_vllm", "plain", None, {}), ("stage", "stage", None, {})]
     for text in args.variant:
         name, _, pairs = text.partition(":")
-        arms.append((f"stage_{name}", "stage", {k: yaml.safe_load(v) for k, v in (p.split("=", 1) for p in pairs.split(",") if p)}))
+        kv = [p.split("=", 1) for p in pairs.split(",") if p]
+        # env.NAME=VALUE: an environment variable of the arm's processes (the stage's workers and engines inherit it)
+        arm_env = {k.removeprefix("env."): v for k, v in kv if k.startswith("env.")}
+        arms.append((f"stage_{name}", "stage", {k: yaml.safe_load(v) for k, v in kv if not k.startswith("env.")}, arm_env))
     info = spawn({"job": "setup", "bench": bench, "work": str(work)}, work, "setup", env, 3600, Path(__file__))
     if "error" in info:
         print(f"setup failed: {info['error']} (log: {info['log']})", file=sys.stderr)
         return 1
     rows = []
-    for arm, job, extra in arms:
+    for arm, job, extra, arm_env in arms:
         print(f"== {arm}", flush=True)
-        r = spawn({"job": job, "arm": arm, "bench": bench, "work": str(work), "extra": extra}, work, arm, env,
-                  args.arm_timeout, Path(__file__))
-        rows.append({"arm": arm, **r})
+        r = spawn({"job": job, "arm": arm, "bench": bench, "work": str(work), "extra": extra}, work, arm,
+                  {**env, **arm_env}, args.arm_timeout, Path(__file__))
+        rows.append({"arm": arm, **({"env": arm_env} if arm_env else {}), **r})
         print("   " + json.dumps({k: v for k, v in r.items() if k not in ("log", "engine_settings", "overrides")}), flush=True)
         # after every arm: a command stopped at a time limit keeps the arms it finished
         result, out_file = write_result(args, argv, bench, info, work, rows)

@@ -18,8 +18,8 @@ def test_tiny_run_writes_plain_and_stage_rows(tmp_path, monkeypatch):
     spec = importlib.util.spec_from_file_location("sampling_speed", ROOT / "bench" / "sampling_speed.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    assert bench.main(["--tiny", "--variant", "nocache:enable_prefix_caching=false", "--work", str(tmp_path / "w"),
-                       "--out", str(tmp_path)]) == 0
+    assert bench.main(["--tiny", "--variant", "nocache:enable_prefix_caching=false,env.VLLM_BENCH_PROBE=7",
+                       "--work", str(tmp_path / "w"), "--out", str(tmp_path)]) == 0
     (path,) = tmp_path.glob("sampling-speed-*-cpu-tiny.json")
     result = json.loads(path.read_text())
     rows = {r["arm"]: r for r in result["rows"]}
@@ -30,6 +30,9 @@ def test_tiny_run_writes_plain_and_stage_rows(tmp_path, monkeypatch):
         assert r["candidates"] == k * prompts and 0 < r["mean_length"] <= max_tokens and r["tokens_per_s"] > 0
         assert r["tokens"] == round(r["mean_length"] * r["candidates"])
     assert rows["stage"]["settings"]["detokenize"] is False and rows["stage_nocache"]["settings"]["enable_prefix_caching"] is False
+    # env.VAR reached the variant's process, and only its
+    assert rows["stage_nocache"]["vllm_env"]["VLLM_BENCH_PROBE"] == "7" and rows["stage_nocache"]["env"] == {"VLLM_BENCH_PROBE": "7"}
+    assert "VLLM_BENCH_PROBE" not in rows["stage"]["vllm_env"] and "VLLM_BENCH_PROBE" not in rows["plain_vllm"]["vllm_env"]
     # the stage's candidates depend on (prompt, seed, k, settings): prefix caching changes no id on the CPU
     assert rows["stage_nocache"]["reward_mean"] == rows["stage"]["reward_mean"]
     assert result["ratios"]["stage_nocache same ids as stage"] is True
