@@ -711,6 +711,7 @@ def main(argv=None) -> int:
         # after every arm: a command stopped at a time limit keeps the arms it finished
         result, out_file = write_result(args, bench_dict, info, shapes, warmup, rows, flags, variants)
 
+    print(f"\n{'stage':12s} {'arm':17s} {'rate':>14s} {'tokens/s':>10s} {'peak GiB':>9s} {'MFU':>6s} {'loss':>8s}")
     for r in result["rows"]:
         if "error" in r:
             print(f"{r['stage']:12s} {r['arm']:17s} error: {r['error'][:80]}")

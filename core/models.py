@@ -384,7 +384,7 @@ def merge_lora_state(state: dict, peft_model) -> dict:
             delta = (b @ a) * mod.scaling[adapter]
             # merged on the adapter's device, then moved to the CPU one matrix at a time (save_pretrained writes from
             # there anyway): kept on the GPU, they held a second copy of the base (an 8B LoRA DPO run on an H200 peaked
-            # at 29.0 GiB while saving, against its training loop's 20.6)
+            # at 29.0 GiB, most likely while saving, against its training loop's 20.6)
             merged = w.to(delta.device).float() + (delta.T if mod.fan_in_fan_out else delta)
             state[f"{name}.base_layer.weight"] = merged.to(w.dtype).cpu()
     out = {}
