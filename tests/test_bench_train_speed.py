@@ -77,3 +77,11 @@ def test_tiny_run_of_one_arm_writes_the_results_file(tmp_path):
     assert row["steps_timed"] == 3 and row["warmup_steps"] == 3
     assert {"peak_gib", "mfu"} <= set(row)  # None on a CPU
     assert result["flags"]["sft/project"]["entry"] == "alignment.sft.main"
+    # a second command with --append keeps the first one's row, adds its own, and the ratio of the two
+    assert ts.main(["--tiny", "--only", "sft/trl_default", "--append", "--work", str(tmp_path / "work"),
+                    "--out", str(tmp_path)]) == 0
+    result = json.loads(path.read_text())
+    assert [(r["stage"], r["arm"]) for r in result["rows"]] == [("sft", "trl_default"), ("sft", "project")]
+    assert result["rows"][1] == row and set(result["flags"]) == {"sft/project", "sft/trl_default"}
+    assert "sft: project / trl_default" in result["ratios"]
+    assert not list(tmp_path.glob(".train-speed-*.tmp"))  # written atomically, no temp file left
