@@ -58,6 +58,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import train_speed as ts  # noqa: E402 - the harness: records, models, processes
+from data.io import atomic_open  # noqa: E402
 
 GENERATOR_VERSION = 1  # bump when the layered model builder changes: a cached one is then rebuilt
 SHAPES = {
@@ -456,7 +457,8 @@ def main(argv=None) -> int:
         # after every arm: a command stopped at a time limit keeps what it measured
         all_rows = sorted(kept + rows, key=lambda r: order.get((r["stage"], r["arm"]), len(order)))
         result = results(all_rows, {**earlier.get("flags", {}), **flags}, info, bench, kind, date)
-        out_file.write_text(json.dumps(result, indent=2) + "\n")
+        with atomic_open(out_file) as f:  # a kill mid-write leaves the last whole file, never half of one
+            f.write(json.dumps(result, indent=2) + "\n")
     rows = result["rows"]
 
     print(f"\n{'stage':14s} {'arm':14s} {'tokens/s':>10s} {'peak GiB':>9s} {'resident':>9s} {'held':>7s} {'loss':>8s}")

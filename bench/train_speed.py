@@ -688,9 +688,43 @@ def main(argv=None) -> int:
     tokens = info["data"]["tokens"]
     print(f"   {info['wall_seconds']} s; tokens: " + ", ".join(f"{k} {v['mean']}" for k, v in tokens.items()), flush=True)
 
+    # -- where the results go: with --append, the earlier commands' file, read once ------------------------------
+    warmup = warmup_steps(bench.steps)  # the project's rule, so that TRL's arms time the same steps
+    gpu = info["gpu"]
+    kind = (f"{gpu['name'].lower().replace(' ', '-')}-x1" if cuda else "cpu") + ("-tiny" if args.tiny else "")
+    date = time.strftime("%Y-%m-%d")
+    out_dir = Path(args.out) if args.out else (work / "results" if args.tiny else ROOT / "bench" / "results")
+    out_file = out_dir / f"train-speed-{date}-{kind}.json"
+    earlier = json.loads(out_file.read_text()) if args.append and out_file.exists() else None
+    head = {
+        "benchmark": "train_speed", "issue": 13, "date": date, "kind": kind,
+        "machine": {"device": info["device"], "gpu": gpu["name"] if gpu else None, "gpus_used": 1 if cuda else 0,
+                    "gpu_memory_gib": gpu["memory_gib"] if gpu else None,
+                    "cuda": gpu["cuda"] if gpu else None, "cpus": os.cpu_count(), "platform": platform.platform()},
+        "versions": versions(),
+        "settings": {**{k: v for k, v in bench_dict.items() if k != "lengths"}, "warmup_steps": warmup,
+                     "plain_project": args.plain_project,
+                     "content_lengths": bench_dict["lengths"],
+                     "shapes": {s: {**dataclasses.asdict(SHAPES[s]), "parameters": info["models"][s]["parameters"]} for s in shapes}},
+        "data_tokens": tokens,
+        "notes": [
+            "tokens_per_s: real (non-pad) input tokens of the trained sequences per second over the timed steps; a DPO "
+            "pair counts its chosen and rejected sequences once each (with the project's prefix sharing the prompt "
+            "once: compare pairs_per_s), the reference passes are not counted",
+            "mfu: 6 x N x tokens_per_s / 989e12 (H100/H200 dense bf16), N = the row's params (embeddings "
+            "included; LoRA: the base model's N, the same formula, though a frozen base has no weight gradients); "
+            "gradient-checkpointing recomputes and reference forwards are work not counted",
+            "peak_gib: torch.cuda.max_memory_allocated over the training loop (reset at its start, after loading and "
+            "any reference precompute); peak_gib_process: over the whole process",
+            f"the first {warmup} optimizer steps are warm-up, not timed; TRL's defaults turn gradient checkpointing "
+            "on (flags), the project uses it in the 8B LoRA arm only; each row's options say what its arm ran with",
+            "reward: records_per_s = pairs_per_s / 3 (every record ranks 3 responses: 3 pairs); tokens_per_s counts "
+            "what each layout feeds the model (one row: the prompt once; separate rows: once per response)",
+        ],
+    }
+
     # -- arms ----------------------------------------------------------------------------------------------------
     rows, flags = [], {}
-    warmup = warmup_steps(bench.steps)  # the project's rule, so that TRL's arms time the same steps
     for stage, arm in arms:
         shape = bench.lora_shape if stage == "dpo_lora_8b" else bench.shape
         n_params = info["models"][shape]["parameters"]
@@ -709,7 +743,7 @@ def main(argv=None) -> int:
             flags[f"{stage}/{arm}"] = r["flags"]
         print("   " + json.dumps({k: v for k, v in rows[-1].items() if k not in ("stage", "arm", "step_seconds", "log")}), flush=True)
         # after every arm: a command stopped at a time limit keeps the arms it finished
-        result, out_file = write_result(args, bench_dict, info, shapes, warmup, rows, flags, variants)
+        result = write_result(out_file, head, earlier, rows, flags, variants)
 
     print(f"\n{'stage':12s} {'arm':17s} {'rate':>14s} {'tokens/s':>10s} {'peak GiB':>9s} {'MFU':>6s} {'loss':>8s}")
     for r in result["rows"]:
@@ -726,60 +760,23 @@ def main(argv=None) -> int:
     return 0 if all("error" not in r for r in rows) else 1
 
 
-def write_result(args, bench_dict: dict, info: dict, shapes: list, warmup: int, rows: list, flags: dict,
-                 variants: dict) -> tuple[dict, Path]:
-    """The JSON of the arms run so far (with --append: merged into the same day's file), written atomically."""
-    cuda = info["device"] == "cuda"
-    gpu = info["gpu"]
-    kind = (f"{gpu['name'].lower().replace(' ', '-')}-x1" if cuda else "cpu") + ("-tiny" if args.tiny else "")
-    date = time.strftime("%Y-%m-%d")
-    result = {
-        "benchmark": "train_speed", "issue": 13, "date": date, "kind": kind,
-        "machine": {"device": info["device"], "gpu": gpu["name"] if gpu else None, "gpus_used": 1 if cuda else 0,
-                    "gpu_memory_gib": gpu["memory_gib"] if gpu else None,
-                    "cuda": gpu["cuda"] if gpu else None, "cpus": os.cpu_count(), "platform": platform.platform()},
-        "versions": versions(),
-        "settings": {**{k: v for k, v in bench_dict.items() if k != "lengths"}, "warmup_steps": warmup,
-                     "plain_project": args.plain_project,
-                     "content_lengths": bench_dict["lengths"],
-                     "shapes": {s: {**dataclasses.asdict(SHAPES[s]), "parameters": info["models"][s]["parameters"]} for s in shapes}},
-        "data_tokens": info["data"]["tokens"],
-        "flags": flags,
-        "notes": [
-            "tokens_per_s: real (non-pad) input tokens of the trained sequences per second over the timed steps; a DPO "
-            "pair counts its chosen and rejected sequences once each (with the project's prefix sharing the prompt "
-            "once: compare pairs_per_s), the reference passes are not counted",
-            "mfu: 6 x N x tokens_per_s / 989e12 (H100/H200 dense bf16), N = the row's params (embeddings "
-            "included; LoRA: the base model's N, the same formula, though a frozen base has no weight gradients); "
-            "gradient-checkpointing recomputes and reference forwards are work not counted",
-            "peak_gib: torch.cuda.max_memory_allocated over the training loop (reset at its start, after loading and "
-            "any reference precompute); peak_gib_process: over the whole process",
-            f"the first {warmup} optimizer steps are warm-up, not timed; TRL's defaults turn gradient checkpointing "
-            "on (flags), the project uses it in the 8B LoRA arm only; each row's options say what its arm ran with",
-            "reward: records_per_s = pairs_per_s / 3 (every record ranks 3 responses: 3 pairs); tokens_per_s counts "
-            "what each layout feeds the model (one row: the prompt once; separate rows: once per response)",
-        ],
-        "rows": list(rows),
-        "ratios": ratios(rows),
-    }
-    work = Path(args.work) / ("tiny" if args.tiny else "full")
-    out_dir = Path(args.out) if args.out else (work / "results" if args.tiny else ROOT / "bench" / "results")
-    out_file = out_dir / f"train-speed-{date}-{kind}.json"
-    if args.append and out_file.exists():  # the earlier commands' rows, flags and shapes, less what this one reran
-        earlier = json.loads(out_file.read_text())
+def write_result(out_file: Path, head: dict, earlier: dict | None, rows: list, flags: dict, variants: dict) -> dict:
+    """`head` (machine, versions, settings, notes) with the arms run so far, merged into `earlier` (--append: the
+    same day's file as the command found it, less the arms this command reran), written atomically to `out_file`."""
+    from data.io import atomic_open
+
+    result = {**head, "flags": flags, "rows": list(rows), "ratios": ratios(rows)}
+    if earlier is not None:  # the earlier commands' rows, flags and shapes, less what this one reran
         ran = {(r["stage"], r["arm"]) for r in rows}
         merged = [r for r in earlier["rows"] if (r["stage"], r["arm"]) not in ran] + list(rows)
         order = {arm: i for i, arm in enumerate(ARMS + LORA_ARMS + sorted(variants))}
         merged.sort(key=lambda r: order.get((r["stage"], r["arm"]), len(order)))
         result["rows"], result["ratios"] = merged, ratios(merged)
         result["flags"] = {**earlier.get("flags", {}), **flags}
-        result["settings"]["shapes"] = {**earlier["settings"].get("shapes", {}), **result["settings"]["shapes"]}
-    from data.io import atomic_open
-
+        result["settings"] = {**head["settings"], "shapes": {**earlier["settings"].get("shapes", {}), **head["settings"]["shapes"]}}
     with atomic_open(out_file) as f:
         f.write(json.dumps(result, indent=2) + "\n")
-    return result, out_file
-
+    return result
 
 if __name__ == "__main__":
     sys.exit(main())
