@@ -36,6 +36,10 @@ batch 8, max_length 1024, 40 optimizer steps, bf16 compute; the first 5 steps ar
                             trl_default, trl_precompute (TRL with a peft LoraConfig) and project (dpo.lora,
                             packed prefix sharing, flex, Liger, gradient checkpointing on)
   --variant NAME:STAGE:key=value,...  adds the arm project_NAME: the project arm with those recipe keys changed
+                            (reward: NAME ends in its layout, e.g. compile_one_row and compile_separate, whose
+                            ratio then joins the ratios)
+  --profile                 the project arms' 3 steps after the warm-up under torch.profiler: each row's `profile`
+                            says where a step's time goes (GPU busy time, kernel launches, top kernels and CPU ops)
 Every project arm runs its LM head only at the positions that predict a trained token (core/logps.py: the one
 code path). --plain-project turns prefix sharing, packing, flex, Kahan, Liger and gradient checkpointing off,
 to measure what they save; each row's `options` says what its arm ran with. On a CPU (--tiny) the project
@@ -338,6 +342,9 @@ def parse_variant(text: str) -> tuple[str, str, dict]:
         raise SystemExit(f"--variant {text!r}: expected NAME:STAGE:key=value,key=value") from None
     if stage not in PROJECT:
         raise SystemExit(f"--variant {text!r}: stage must be one of {', '.join(PROJECT)}")
+    if stage == "reward" and not name.endswith(("one_row", "separate")):
+        raise SystemExit(f"--variant {text!r}: a reward variant's NAME ends in its layout, one_row or separate "
+                         "(e.g. compile_one_row)")
     return stage, f"project_{name}", extra
 
 
@@ -365,6 +372,57 @@ def stage_figures(m: dict, process_peak) -> dict:
             "alloc_retries": m.get("alloc_retries"), "gc_collections": m.get("gc_collections")}
 
 
+PROFILE_STEPS = 3
+
+
+def profile_steps(first: int, count: int) -> dict:
+    """(child, --profile) torch.profiler over the `count` optimizer steps after step `first` (the warm-up), hooked
+    on core.tracking.Throughput.add, which every project stage calls at each step's end (after a CUDA sync). The
+    dict it returns is filled when they are done: per step, the wall time, the GPU's busy time (the sum of its
+    kernels' durations) and the kernel launches, and the top kernels and CPU ops. The profiler slows the CPU
+    side, so a profiled arm's rates are a little low: they are for finding where a step's time goes."""
+    import torch
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    from core import tracking
+
+    out: dict = {}
+    state = {"n": 0}
+    real_add = tracking.Throughput.add
+    cuda = torch.cuda.is_available()
+
+    def add(self, *args, **kwargs):
+        real_add(self, *args, **kwargs)
+        state["n"] += 1
+        if state["n"] == first:
+            state["prof"] = profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else []))
+            state["prof"].__enter__()
+            state["t0"] = time.perf_counter()
+        elif state["n"] == first + count and "prof" in state:
+            wall = time.perf_counter() - state["t0"]
+            prof = state.pop("prof")
+            prof.__exit__(None, None, None)
+            kernels: dict[str, list[float]] = {}
+            for e in prof.events():
+                if e.device_type == DeviceType.CUDA:
+                    kernels.setdefault(e.name, []).append(e.time_range.elapsed_us())
+            busy = sum(sum(v) for v in kernels.values())
+            top_gpu = sorted(kernels.items(), key=lambda kv: -sum(kv[1]))[:15]
+            ops = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:15]
+            ms = lambda us: round(us / 1000 / count, 3)  # noqa: E731 - per step
+            out.update(
+                steps=count, wall_ms_per_step=round(wall * 1000 / count, 2), gpu_busy_ms_per_step=ms(busy),
+                kernels_per_step=round(sum(len(v) for v in kernels.values()) / count),
+                top_kernels=[{"name": k[:120], "ms_per_step": ms(sum(v)), "calls_per_step": round(len(v) / count, 1)}
+                             for k, v in top_gpu],
+                top_cpu_ops=[{"name": e.key[:120], "self_cpu_ms_per_step": ms(e.self_cpu_time_total),
+                              "calls_per_step": round(e.count / count, 1)} for e in ops])
+
+    tracking.Throughput.add = add
+    return out
+
+
 def run_project(spec: dict) -> dict:
     """(child) The project's stage `main(recipe, out_dir, inputs)`, as the pipeline calls it; its figures are
     what it reports (core.tracking.Throughput: steady rate after the warm-up steps)."""
@@ -380,22 +438,23 @@ def run_project(spec: dict) -> dict:
         overrides.append(f"dpo.data={spec['data']}")
     if stage == "dpo_lora_8b":
         overrides.append(f"dpo.lora={{r: {LORA['r']}, alpha: {LORA['alpha']}, dropout: {LORA['dropout']}}}")
-    if stage == "reward":
-        overrides.append(f"reward.one_row={'true' if arm == 'project_one_row' else 'false'}")
+    if stage == "reward":  # the layout is in the arm's name: project_one_row, project_<variant>_separate, ...
+        overrides.append(f"reward.one_row={'true' if arm.endswith('one_row') else 'false'}")
     options = project_options(stage, spec.get("plain", False), spec.get("extra"))
     import torch
 
     if not torch.cuda.is_available():  # --tiny on a CPU: FlexAttention trains on CUDA only, Liger is Triton
         options.update(attention="sdpa", liger=False)
-    if arm == "project_separate":  # a row per response: nothing to pack (reward.pack_tokens packs one-rows)
+    if stage == "reward" and arm.endswith("separate"):  # a row per response: nothing to pack (pack_tokens packs one-rows)
         options["pack_tokens"] = 0
     overrides += [f"{section}.{k}={json.dumps(v)}" for k, v in options.items() if k != "logits_to_keep"]
     recipe = load_recipe(None, overrides)
+    profile = profile_steps(spec["warmup"], PROFILE_STEPS) if spec.get("profile") else None
     m, entry = run_stage(section, recipe, spec)
     cfg = getattr(recipe, section)
     return {
         **stage_figures(m, process_peak), "tokens_per_s_incl_warmup": m.get("throughput_incl_warmup"),
-        "options": options, "ref_precompute_seconds": m.get("ref_precompute_seconds"),
+        "options": options, "profile": profile, "ref_precompute_seconds": m.get("ref_precompute_seconds"),
         "examples_total": (m.get("pairs") or {}).get("pairs") if section == "dpo" else m.get("examples"),
         "flags": {"entry": entry, "overrides": overrides,
                   "precompute_ref": getattr(cfg, "precompute_ref", None), "lora": LORA if cfg.lora else None,
@@ -594,6 +653,8 @@ def row(stage: str, arm: str, r: dict, params: int, cuda: bool) -> dict:
                final_loss=None if r["final_loss"] is None else round(r["final_loss"], 4), steps_timed=r["steps_timed"],
                warmup_steps=r["warmup_steps"], timed_seconds=r["timed_seconds"], train_seconds=r["train_seconds"],
                wall_seconds=r["wall_seconds"], params=params)
+    if r.get("profile") is not None:
+        out["profile"] = r["profile"]
     if stage.startswith("dpo") and r.get("ref_precompute_seconds") and r.get("examples_total"):
         # the precompute is part of the stage's work: one epoch pays it once per pair
         per_pair = 1 / r["examples_per_s"] + r["ref_precompute_seconds"] / r["examples_total"]
@@ -610,8 +671,8 @@ def ratios(rows: list[dict]) -> dict:
     ok = {(r["stage"], r["arm"]): r for r in rows if "error" not in r}
     comparisons = [(s, a, ref) for ref in ("trl_default", "trl_precompute") for s, a in ok
                    if a.startswith("project") and (s, ref) in ok]
-    if ("reward", "project_one_row") in ok and ("reward", "project_separate") in ok:
-        comparisons.append(("reward", "project_one_row", "project_separate"))
+    comparisons += [("reward", a, a.removesuffix("one_row") + "separate") for s, a in ok  # project_X_one_row / _separate
+                    if s == "reward" and a.endswith("one_row") and ("reward", a.removesuffix("one_row") + "separate") in ok]
     out = {}
     for stage, arm, other in comparisons:
         a, b = ok[(stage, arm)], ok[(stage, other)]
@@ -646,6 +707,8 @@ def main(argv=None) -> int:
     ap.add_argument("--variant", action="append", default=[], help="NAME:STAGE:key=value,... adds the arm project_NAME "
                     "to STAGE, the project arm with those recipe keys of the stage's section changed (repeatable), e.g. "
                     "flex:dpo:attention=flex,pack_tokens=8192")
+    ap.add_argument("--profile", action="store_true", help=f"the project arms' {PROFILE_STEPS} steps after the warm-up "
+                    "run under torch.profiler: rows get `profile` (where a step's time goes; their rates are a little low)")
     ap.add_argument("--_child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args._child:
@@ -734,14 +797,15 @@ def main(argv=None) -> int:
         name = f"{stage}-{arm}"
         spec = {"job": "trl" if arm.startswith("trl") else "project", "stage": stage, "arm": arm, "bench": bench_dict,
                 "warmup": warmup, "model": str(work / "models" / shape), "data": str(work / "data" / DATA_FILE[stage]),
-                "out_dir": str(work / "runs" / name), "plain": args.plain_project, "extra": variants.get((stage, arm))}
+                "out_dir": str(work / "runs" / name), "plain": args.plain_project, "extra": variants.get((stage, arm)),
+                "profile": args.profile}
         print(f"== {stage} / {arm}", flush=True)
         r = spawn(spec, work, name, env, args.arm_timeout)
         shutil.rmtree(work / "runs" / name / "model", ignore_errors=True)  # the trained model: disk, not needed
         rows.append(row(stage, arm, r, n_params, cuda))
         if "flags" in r:
             flags[f"{stage}/{arm}"] = r["flags"]
-        print("   " + json.dumps({k: v for k, v in rows[-1].items() if k not in ("stage", "arm", "step_seconds", "log")}), flush=True)
+        print("   " + json.dumps({k: v for k, v in rows[-1].items() if k not in ("stage", "arm", "step_seconds", "log", "profile")}), flush=True)
         # after every arm: a command stopped at a time limit keeps the arms it finished
         result = write_result(out_file, head, earlier, rows, flags, variants)
 

@@ -198,7 +198,9 @@ def block_mask(doc: torch.Tensor, branch: torch.Tensor):
     from torch.nn.attention.flex_attention import create_block_mask
 
     B, T = doc.shape
-    return create_block_mask(mask_rule(doc, branch), B, None, T, T, device=doc.device)
+    # compiled on CUDA (as transformers builds its own BlockMasks): eager, the build evaluates the rule at every
+    # one of the B x T x T positions, a cost paid at each micro-batch; compiled, it only visits each block once
+    return create_block_mask(mask_rule(doc, branch), B, None, T, T, device=doc.device, _compile=doc.device.type == "cuda")
 
 
 def flex_inputs(batch: dict) -> dict:
