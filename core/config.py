@@ -178,6 +178,10 @@ class SamplingConfig:
     shard_size: int = num(64, ge=1)
     data_parallel: int = num(1, ge=1)
     tensor_parallel: int = num(1, ge=1)
+    # GPU engines sharing each GPU (tensor_parallel 1; local and ray). One engine of a small model is bound by
+    # vLLM's scheduler, CPU work for every sequence at every step, long before the GPU is busy: a second engine
+    # (its own process, its own scheduler) fills the GPU's idle time. gpu_memory_utilization is each engine's share.
+    engines_per_gpu: int = num(1, ge=1)
     gpu_memory_utilization: float = num(0.3, gt=0, le=1)
     enforce_eager: bool = False  # GPU: skip torch.compile and CUDA graphs (an engine starts in seconds, not minutes)
     # engine settings (sampling/engine.py; bench/sampling_speed.py measures them): the stage reads token ids only,
@@ -374,6 +378,14 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
     if recipe.eval.temperature == 0 and recipe.eval.samples_per_prompt > 1:  # generate() refuses it mid-run
         raise ConfigError(f"{src}: 'eval.temperature: 0' is greedy: one answer per prompt, so eval.samples_per_prompt "
                           f"must be 1 (got {recipe.eval.samples_per_prompt})")
+    smp = recipe.sampling
+    if smp.engines_per_gpu > 1 and smp.tensor_parallel > 1:
+        raise ConfigError(f"{src}: 'sampling.engines_per_gpu: {smp.engines_per_gpu}' puts several engines on one GPU: "
+                          f"it needs sampling.tensor_parallel: 1 (got {smp.tensor_parallel})")
+    if smp.engines_per_gpu * smp.gpu_memory_utilization > 1:
+        raise ConfigError(f"{src}: 'sampling.engines_per_gpu: {smp.engines_per_gpu}' engines of "
+                          f"'sampling.gpu_memory_utilization: {smp.gpu_memory_utilization}' each would need "
+                          f"{smp.engines_per_gpu * smp.gpu_memory_utilization:g} of a GPU's memory: at most 1")
     if recipe.dpo.pack_tokens and not recipe.dpo.prefix_sharing:
         raise ConfigError(f"{src}: 'dpo.pack_tokens' packs prefix-shared pairs: it needs dpo.prefix_sharing: true")
     if recipe.reward.pack_tokens and not recipe.reward.one_row:

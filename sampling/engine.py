@@ -88,15 +88,16 @@ def make_engine(spec: dict):
     return LLM(**engine_kwargs(spec))
 
 
-def generate_shard(llm, entries: list[dict], cfg: SamplingConfig, fmt) -> tuple[list[dict], float]:
+def generate_shard(llm, entries: list[dict], cfg: SamplingConfig, fmt) -> tuple[list[dict], float, list[float]]:
+    """(records with their candidates, seconds inside vLLM's generate, [start, end] of it in epoch seconds)."""
     from vllm import SamplingParams
 
     params = [SamplingParams(n=cfg.k, temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens,
                              seed=e["seed"], stop_token_ids=list(fmt.stop_ids), detokenize=cfg.detokenize)
               for e in entries]  # the candidates' text is decoded here from their ids (fmt.decode), not by vLLM
-    t0 = time.perf_counter()
+    t0, wall0 = time.perf_counter(), time.time()
     outs = llm.generate([{"prompt_token_ids": e["prompt_ids"]} for e in entries], params, use_tqdm=False)
-    gen_s = time.perf_counter() - t0
+    gen_s, window = time.perf_counter() - t0, [round(wall0, 3), round(time.time(), 3)]
     recs = []
     for e, o in zip(entries, outs):
         sent = list(o.prompt_token_ids)
@@ -109,7 +110,7 @@ def generate_shard(llm, entries: list[dict], cfg: SamplingConfig, fmt) -> tuple[
             cands.append({"k": j, "completion_ids": ids, "text": fmt.decode(ids), "finish_reason": c.finish_reason,
                           "truncated": truncated, "num_tokens": len(c.token_ids)})
         recs.append({**e, "candidates": cands})
-    return recs, gen_s
+    return recs, gen_s, window
 
 
 def load_engines(spec: dict):
@@ -131,7 +132,7 @@ def load_engines(spec: dict):
 def sample_shard(llm, rm, idx: int, entries: list[dict], cfg: SamplingConfig, fmt) -> list[dict]:
     """One shard's records, generated and scored: the one code path for a shard, whoever runs it (a local worker,
     a Ray actor), so that candidates depend on the prompts and the recipe alone."""
-    recs, gen_s = generate_shard(llm, entries, cfg, fmt)
+    recs, gen_s, window = generate_shard(llm, entries, cfg, fmt)
     t0 = time.perf_counter()
     flat = [(r["prompt"], c, tool_args(r)) for r in recs for c in r["candidates"]]
     scores = score_candidates(rm, fmt, [p for p, _, _ in flat], [c["completion_ids"] for _, c, _ in flat],
@@ -141,6 +142,7 @@ def sample_shard(llm, rm, idx: int, entries: list[dict], cfg: SamplingConfig, fm
     score_s = time.perf_counter() - t0
     for r in recs:  # per-shard timings, shared out so that sums over records survive resumes
         r["shard"], r["gen_seconds"], r["score_seconds"] = idx, gen_s / len(recs), score_s / len(recs)
+        r["gen_window"] = window  # when this shard generated: engines that overlap (engines_per_gpu) are not summed
     return recs
 
 

@@ -64,16 +64,20 @@ class EngineActor:
 
 def engine_shape(nodes: list[dict], cfg: SamplingConfig) -> tuple[dict, int]:
     """(one engine's bundle, how many such bundles the alive nodes hold). `nodes`: each node's resources. GPU
-    clusters: `tensor_parallel` GPUs and `cpus_per_engine` (or 1) CPUs an engine; CPU clusters: `cpus_per_engine`
-    CPUs, or the largest node's: one engine per node (a vLLM-CPU engine uses every core it is given, so two on
-    one node would only share them), none on a smaller head node."""
+    clusters: `tensor_parallel` GPUs (with `engines_per_gpu` > 1, that fraction of one GPU, which Ray packs onto
+    shared GPUs) and `cpus_per_engine` (or 1) CPUs an engine; CPU clusters: `cpus_per_engine` CPUs, or the
+    largest node's: one engine per node (a vLLM-CPU engine uses every core it is given, so two on one node
+    would only share them), none on a smaller head node. A bundle is one node's: engines per node, summed
+    (4 GPUs of 2 nodes hold no tensor_parallel=4 engine)."""
     if any(n.get("GPU", 0) >= 1 for n in nodes):
-        bundle = {"GPU": cfg.tensor_parallel, "CPU": cfg.cpus_per_engine or 1}
-    else:
-        cpus = [int(n["CPU"]) for n in nodes if n.get("CPU", 0) >= 1]
-        bundle = {"CPU": cfg.cpus_per_engine or max(cpus, default=1)}
-    # a bundle is one node's: engines per node, summed (4 GPUs of 2 nodes hold no tensor_parallel=4 engine)
-    return bundle, sum(min(int(n.get(r, 0) // v) for r, v in bundle.items()) for n in nodes)
+        share = cfg.tensor_parallel if cfg.engines_per_gpu == 1 else round(1 / cfg.engines_per_gpu, 4)
+        bundle = {"GPU": share, "CPU": cfg.cpus_per_engine or 1}
+        # counted in whole GPUs, never GPUs // share: in floating point 1 // (1 / 3) is 2.0
+        return bundle, sum(min(int(n.get("GPU", 0) // cfg.tensor_parallel) * cfg.engines_per_gpu,
+                               int(n.get("CPU", 0) // bundle["CPU"])) for n in nodes)
+    cpus = [int(n["CPU"]) for n in nodes if n.get("CPU", 0) >= 1]
+    bundle = {"CPU": cfg.cpus_per_engine or max(cpus, default=1)}
+    return bundle, sum(int(n.get("CPU", 0) // bundle["CPU"]) for n in nodes)
 
 
 def connect(cfg: SamplingConfig) -> None:
@@ -194,7 +198,10 @@ class _Driver:
         t0 = time.perf_counter()
         try:
             self.slots = [_Slot(rank, placement_group([self.bundle], strategy="STRICT_PACK")) for rank in range(self.n)]
-            for slot in self.slots:
+            # engines that may share a GPU start one after another (sample.start_after says why); Ray decides
+            # which GPU an actor gets, so each waits for the one before it
+            unstarted = deque(self.slots[1:] if "GPU" in self.bundle and self.cfg.engines_per_gpu > 1 else [])
+            for slot in self.slots[:1] if unstarted else self.slots:
                 self._start(slot)
             done: list[int] = []
             with progress(total=sum(len(e) for _, e in self.todo), desc="sampling prompts", unit="prompt") as bar:
@@ -217,6 +224,8 @@ class _Driver:
                         slot.state = "idle"
                         if shard is None:
                             slot.info, slot.starts = result, slot.starts + 1
+                            if unstarted:
+                                self._start(unstarted.popleft())
                             continue
                         self._dispatch()  # keep the actor busy while its shard is written
                         idx, entries = shard

@@ -26,7 +26,8 @@ How it works:
 - Every prompt has its own sampling seed (from `sampling.seed` and its id), so candidates do not depend on
   batching, sharding or resumes.
 - Generation and scoring run in worker process(es) (`--worker SPEC`): one engine on a CPU host, one per
-  GPU group with `sampling.data_parallel > 1` (CUDA_VISIBLE_DEVICES set per worker). This keeps vLLM's
+  GPU group with `sampling.data_parallel > 1` (CUDA_VISIBLE_DEVICES set per worker), and up to
+  `sampling.engines_per_gpu` of them on each GPU (the second starts once the first is up). This keeps vLLM's
   thread/NUMA binding out of the calling process. With `sampling.backend: ray` they run in Ray actors
   instead, anywhere in a Ray cluster (sampling/ray_backend.py), through the same `sample_shard`; this
   process alone writes the shards there. On CPU the worker runs vLLM's engine in-process with
@@ -149,6 +150,7 @@ def run_worker(spec_path: str) -> int:
     _exit_with_parent(spec.get("parent_pid"))
     cfg, fmt, llm, rm = load_engines(spec)
     cand_dir = Path(spec["out"]) / "candidates"
+    (cand_dir / f".worker-{spec['rank']}.ready").touch()  # an engine waiting to share this GPU may start now
     for idx, entries in spec["shards"]:
         recs = sample_shard(llm, rm, idx, entries, cfg, fmt)
         write_jsonl(cand_dir / SHARD_FMT.format(idx), recs)
@@ -180,55 +182,85 @@ def _pdeathsig() -> None:  # preexec_fn: Linux kills the child with SIGKILL when
         pass
 
 
-def gpu_groups(data_parallel: int, tensor_parallel: int) -> list[str | None]:
-    """CUDA_VISIBLE_DEVICES per engine: data_parallel groups of tensor_parallel GPUs; [None] on a CPU host."""
+def gpu_groups(data_parallel: int, tensor_parallel: int, engines_per_gpu: int = 1) -> list[str | None]:
+    """CUDA_VISIBLE_DEVICES per engine (`engine_devices` over this host's visible GPUs); [None] on a CPU host."""
     import torch
 
     if not torch.cuda.is_available():
         return [None]
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     devices = [d.strip() for d in visible.split(",") if d.strip()] if visible else [str(i) for i in range(torch.cuda.device_count())]
-    n = max(1, min(data_parallel, len(devices) // max(1, tensor_parallel)))
-    return [",".join(devices[i * tensor_parallel : (i + 1) * tensor_parallel]) for i in range(n)]
+    return engine_devices(devices, data_parallel, tensor_parallel, engines_per_gpu)
+
+
+def engine_devices(devices: list[str], data_parallel: int, tensor_parallel: int, engines_per_gpu: int = 1) -> list[str]:
+    """Up to data_parallel engines over groups of tensor_parallel devices, each group holding up to
+    engines_per_gpu engines; engine i on group i mod groups, so that engines spread over GPUs before they share."""
+    groups = [",".join(devices[i * tensor_parallel : (i + 1) * tensor_parallel]) for i in range(len(devices) // tensor_parallel)]
+    n = max(1, min(data_parallel, len(groups) * engines_per_gpu))
+    return [groups[i % len(groups)] for i in range(n)] if groups else []
+
+
+def start_after(groups: list[str | None]) -> list[int | None]:
+    """For each engine, the engine before it on the same GPUs (None: none, or a CPU engine): an engine starts
+    once that one is up. Two vLLM engines that start together on one GPU each measure the other's memory growth
+    as their own while they size their KV cache."""
+    last: dict[str, int] = {}
+    out: list[int | None] = []
+    for rank, devs in enumerate(groups):
+        out.append(last.get(devs) if devs is not None else None)
+        if devs is not None:
+            last[devs] = rank
+    return out
 
 
 def run_workers(todo: list[tuple[int, list[dict]]], spec: dict, cand_dir: Path, groups: list[str | None],
                 on_done=None) -> None:
     """Spread shards over one worker per engine; show progress over shards (`on_done(shard indices)` as
     they land); raise if a worker fails."""
-    procs = []
-    for rank, devs in enumerate(groups):
+    procs: dict[int, subprocess.Popen] = {}
+    waiting = {}  # rank -> (its spec path, env, the rank it starts after)
+    for rank, (devs, after) in enumerate(zip(groups, start_after(groups))):
         mine = todo[rank :: len(groups)]
         if not mine:
             continue
         path = cand_dir / f".worker-{rank}.json"
+        (cand_dir / f".worker-{rank}.ready").unlink(missing_ok=True)
         with atomic_open(path) as f:
             json.dump({**spec, "rank": rank, "parent_pid": os.getpid(), "shards": mine}, f)
         env = engine_env(dict(os.environ), cpu=devs is None)
         if devs is not None:
             env["CUDA_VISIBLE_DEVICES"] = devs
-        procs.append(subprocess.Popen([sys.executable, "-m", "sampling.sample", "--worker", str(path)], env=env,
-                                      preexec_fn=_pdeathsig if os.name == "posix" else None))
+        waiting[rank] = (path, env, after if after is not None and todo[after :: len(groups)] else None)
+
+    def start_ready() -> None:  # an engine whose GPU neighbour is up (or gone) starts
+        for rank, (path, env, after) in list(waiting.items()):
+            if after is None or (cand_dir / f".worker-{after}.ready").exists() or procs[after].poll() is not None:
+                del waiting[rank]
+                procs[rank] = subprocess.Popen([sys.executable, "-m", "sampling.sample", "--worker", str(path)], env=env,
+                                               preexec_fn=_pdeathsig if os.name == "posix" else None)
+
     paths = [cand_dir / SHARD_FMT.format(i) for i, _ in todo]
     with progress(total=len(todo), desc="sampling shards", unit="shard") as bar:
         try:
             while True:
+                start_ready()
                 done = [i for (i, _), p in zip(todo, paths) if p.exists()]
                 if len(done) != bar.n and on_done is not None:
                     on_done(done)
                 bar.update(len(done) - bar.n)
-                if all(p.poll() is not None for p in procs):
+                if not waiting and all(p.poll() is not None for p in procs.values()):
                     break
                 time.sleep(0.5)
         except BaseException:
-            for p in procs:
+            for p in procs.values():
                 p.kill()
             raise
         bar.update(sum(p.exists() for p in paths) - bar.n)
-    failed = [p.returncode for p in procs if p.returncode != 0]
+    failed = [p.returncode for p in procs.values() if p.returncode != 0]
     if failed:
         raise RuntimeError(f"sampling worker(s) failed with exit code {failed}; rerun to resume from the shards written")
-    for p in cand_dir.glob(".worker-*.json"):
+    for p in [*cand_dir.glob(".worker-*.json"), *cand_dir.glob(".worker-*.ready")]:
         p.unlink(missing_ok=True)
 
 
@@ -272,7 +304,7 @@ def main(recipe, out_dir, inputs: dict) -> dict:
     shards = shards_of(plan, cfg.shard_size)
     dtype = recipe.model.dtype
     # local: one worker process per engine on this host; ray: the cluster's actors (counted by the Ray backend)
-    groups = gpu_groups(cfg.data_parallel, cfg.tensor_parallel) if cfg.backend == "local" else []
+    groups = gpu_groups(cfg.data_parallel, cfg.tensor_parallel, cfg.engines_per_gpu) if cfg.backend == "local" else []
     # the models' hashes as their stages recorded them (checked by a stat each), not a re-read of both folders
     key = hash_obj({"cfg": {f: getattr(cfg, f) for f in KEY_FIELDS}, "dtype": dtype, "policy": recorded_hash(policy),
                     "reward": recorded_hash(reward), "plan": [(e["id"], e["prompt_ids"], e["seed"]) for e in plan],
@@ -381,12 +413,29 @@ def _mean(xs) -> float | None:
     return round(sum(xs) / len(xs), 6) if xs else None
 
 
+def busy_seconds(windows) -> float:
+    """The length of the union of [start, end] intervals: the seconds in which at least one engine generated."""
+    total, end = 0.0, float("-inf")
+    for a, b in sorted(windows):
+        total += max(0.0, b - max(a, end))
+        end = max(end, b)
+    return total
+
+
 def summarize(records: list[dict], cfg: SamplingConfig, engines: int = 1) -> tuple[dict, dict]:
-    """(metrics, reward distribution) over all shards' records."""
+    """(metrics, reward distribution) over all shards' records.
+
+    tokens_per_s is the rate of all engines together: generated tokens over the seconds in which at least one
+    engine was generating (the union of the shards' gen_window); records without windows (written before they
+    existed) fall back to the mean rate of one engine's generate calls times `engines`."""
     sels, counts = _selections(records, cfg)
     cands = [c for r in records for c in r["candidates"]]
     tokens = sum(c["num_tokens"] for c in cands)
     gen_s = sum(r.get("gen_seconds", 0.0) for r in records)
+    if records and all(r.get("gen_window") for r in records):
+        seconds = busy_seconds({tuple(r["gen_window"]) for r in records})  # a shard's records share its window
+    else:
+        seconds = gen_s / engines
     dist = {"ids": [r["id"] for r in records], "best": [], "mean": [], "worst": []}
     for r in records:
         rw = [c["reward"] for c in r["candidates"]]
@@ -399,9 +448,10 @@ def summarize(records: list[dict], cfg: SamplingConfig, engines: int = 1) -> tup
         "k": cfg.k,
         "candidates": len(cands),
         "generated_tokens": tokens,
-        "tokens_per_s": round(tokens / gen_s * engines, 2) if gen_s else None,
-        "candidates_per_s": round(len(cands) / gen_s * engines, 3) if gen_s else None,
-        "generation_seconds": round(gen_s, 2),
+        "tokens_per_s": round(tokens / seconds, 2) if seconds > 0 else None,
+        "candidates_per_s": round(len(cands) / seconds, 3) if seconds > 0 else None,
+        "generation_seconds": round(gen_s, 2),  # summed over the engines' generate calls
+        "generation_busy_seconds": round(seconds, 2),  # tokens_per_s's: while any engine generated
         "scoring_seconds": round(sum(r.get("score_seconds", 0.0) for r in records), 2),
         "truncated_share": round(sum(c["truncated"] for c in cands) / len(cands), 4),
         "mean_length": _mean(c["num_tokens"] for c in cands),

@@ -132,7 +132,8 @@ def test_a_shard_whose_engine_stops_on_eom(llama31_fmt, tmp_path, monkeypatch):
                     types.SimpleNamespace(index=1, token_ids=answer + [f.eot_id], finish_reason="stop", stop_reason=None)]
             return [types.SimpleNamespace(prompt_token_ids=r["prompt_token_ids"], outputs=outs) for r in requests]
 
-    recs, _ = generate_shard(Engine(), plan, cfg, f)
+    recs, _, window = generate_shard(Engine(), plan, cfg, f)
+    assert window[0] <= window[1]  # when it generated (epoch seconds)
     cands = recs[0]["candidates"]
     assert cands[0]["completion_ids"] == call + [f.eom_id] and cands[1]["completion_ids"] == answer + [f.eot_id]
     cands[0]["reward"], cands[1]["reward"] = 1.0, -1.0
@@ -452,3 +453,89 @@ def test_real_engine_stops_on_eom_and_keeps_it(tmp_path, llama31_fmt):
     recs = [r for p in sorted((tmp_path / "out" / "candidates").glob("shard-*.jsonl")) for r in read_jsonl(p)[0]]
     assert all(not c["truncated"] for r in recs for c in r["candidates"])
     assert {r["id"]: r.get("builtin_tools") for r in recs}["p0"] == ["brave_search"]
+
+
+def test_engines_per_gpu_placement_and_config():
+    """engine_devices spreads engines over GPUs before they share one; start_after makes an engine wait for the
+    one before it on the same GPUs; the recipe refuses a share over the GPU's memory, and sharing with tensor
+    parallelism."""
+    from core.config import ConfigError, load_recipe
+    from sampling.sample import engine_devices, start_after
+
+    assert engine_devices(["0", "1"], 4, 1, 2) == ["0", "1", "0", "1"]
+    assert engine_devices(["0", "1"], 3, 1, 2) == ["0", "1", "0"]
+    assert engine_devices(["0", "1"], 8, 1, 2) == ["0", "1", "0", "1"]  # at most 2 per GPU
+    assert engine_devices(["0", "1"], 8, 1, 1) == ["0", "1"]  # the default: one engine a GPU
+    assert engine_devices(["0", "1", "2", "3"], 4, 2) == ["0,1", "2,3"]
+    assert engine_devices(["0"], 1, 2) == []  # no group of 2 GPUs
+    assert start_after(["0", "1", "0", "1", "0"]) == [None, None, 0, 1, 2]
+    assert start_after([None]) == [None] and start_after(["0,1", "2,3"]) == [None, None]
+    recipe = load_recipe(None, ["sampling.engines_per_gpu=2", "sampling.gpu_memory_utilization=0.4"])
+    assert recipe.sampling.engines_per_gpu == 2
+    with pytest.raises(ConfigError, match=r"sampling.engines_per_gpu: 4.*1.2 of a GPU's memory"):
+        load_recipe(None, ["sampling.engines_per_gpu=4", "sampling.gpu_memory_utilization=0.3"])
+    with pytest.raises(ConfigError, match="needs sampling.tensor_parallel: 1"):
+        load_recipe(None, ["sampling.engines_per_gpu=2", "sampling.tensor_parallel=2"])
+    with pytest.raises(ConfigError, match="sampling.engines_per_gpu"):
+        load_recipe(None, ["sampling.engines_per_gpu=0"])
+
+
+def test_engines_sharing_a_gpu_start_one_after_another(tmp_path, monkeypatch):
+    """run_workers with two engines on GPU 0 and one on GPU 1: the second engine of GPU 0 is started only once the
+    first has written its ready file (its engine is up); GPU 1's starts at once. Stand-in processes, no vLLM."""
+    import sampling.sample as sample
+
+    cand_dir = tmp_path / "candidates"
+    cand_dir.mkdir()
+    events = []
+
+    class Proc:  # a worker: up after 2 polls, its shards written after 4, then done
+        def __init__(self, cmd, env=None, preexec_fn=None):
+            self.spec = json.loads(Path(cmd[-1]).read_text())
+            self.rank, self.polls, self.returncode = self.spec["rank"], 0, None
+            events.append(("start", self.rank, sorted(p.name for p in cand_dir.glob(".worker-*.ready"))))
+            assert env["CUDA_VISIBLE_DEVICES"] == ["0", "1", "0"][self.rank]
+
+        def poll(self):
+            self.polls += 1
+            if self.polls == 2:
+                (cand_dir / f".worker-{self.rank}.ready").touch()
+            if self.polls == 4:
+                for idx, _ in self.spec["shards"]:
+                    (cand_dir / sample.SHARD_FMT.format(idx)).write_text("{}\n")
+                self.returncode = 0
+            return self.returncode
+
+        def kill(self):
+            self.returncode = -9
+
+    monkeypatch.setattr(sample.subprocess, "Popen", Proc)
+    monkeypatch.setattr(sample.time, "sleep", lambda s: None)
+    todo = [(i, [{"id": str(i)}]) for i in range(3)]
+    sample.run_workers(todo, {"out": str(tmp_path)}, cand_dir, ["0", "1", "0"])
+    assert [e[:2] for e in events] == [("start", 0), ("start", 1), ("start", 2)]
+    assert events[0][2] == [] and events[1][2] == [] and ".worker-0.ready" in events[2][2]
+    assert all((cand_dir / sample.SHARD_FMT.format(i)).exists() for i in range(3))
+    assert not list(cand_dir.glob(".worker-*"))  # specs and ready files cleaned up
+
+
+def test_tokens_per_s_counts_engines_that_overlap_once():
+    """summarize's rate: tokens over the union of the shards' generate windows, so that two engines generating at
+    the same time (engines_per_gpu) count their seconds once; old records without windows: per-engine mean x engines."""
+    from core.config import SamplingConfig
+    from sampling.sample import busy_seconds, summarize
+
+    assert busy_seconds([(0, 2), (1, 3), (5, 6)]) == 4 and busy_seconds([(0, 4), (1, 2)]) == 4 and busy_seconds([]) == 0
+
+    def rec(i, window, tokens=100):
+        cands = [{"num_tokens": tokens, "reward": float(j), "truncated": False, "text": "x", "completion_ids": [1]}
+                 for j in range(2)]
+        return {"id": str(i), "prompt": [{"role": "user", "content": "hi"}], "candidates": cands, "gen_seconds": 2.0,
+                "gen_window": window}
+
+    cfg = SamplingConfig(k=2)
+    m, _ = summarize([rec(0, [10.0, 12.0]), rec(1, [11.0, 13.0])], cfg)  # two engines, overlapping: 3 s busy
+    assert m["generation_busy_seconds"] == 3.0 and m["tokens_per_s"] == round(400 / 3, 2)
+    old = [{k: v for k, v in rec(i, None).items() if k != "gen_window"} for i in range(2)]
+    m, _ = summarize(old, cfg, engines=2)
+    assert m["tokens_per_s"] == 400 / 4 * 2

@@ -37,6 +37,10 @@ def test_engine_shape_and_config():
     assert engine_shape(gpu, SamplingConfig(tensor_parallel=4)) == ({"GPU": 4, "CPU": 1}, 4)
     assert engine_shape(gpu, SamplingConfig(tensor_parallel=3, cpus_per_engine=8)) == ({"GPU": 3, "CPU": 8}, 4)
     assert engine_shape([{"CPU": 8.0, "GPU": 2.0}] * 2, SamplingConfig(tensor_parallel=4))[1] == 0  # no node holds one
+    # engines_per_gpu: a fraction of a GPU each, counted in whole GPUs (3 x 1/3 fit one GPU)
+    assert engine_shape(gpu, SamplingConfig(engines_per_gpu=2)) == ({"GPU": 0.5, "CPU": 1}, 32)
+    assert engine_shape(gpu, SamplingConfig(engines_per_gpu=3, gpu_memory_utilization=0.25)) == ({"GPU": 0.3333, "CPU": 1}, 48)
+    assert engine_shape([{"CPU": 4.0, "GPU": 8.0}], SamplingConfig(engines_per_gpu=2))[1] == 4  # CPUs bound it
     cpu = [{"CPU": 16.0}, {"CPU": 16.0}, {"CPU": 4.0}, {"memory": 1.0}]  # two worker nodes, a small head
     assert engine_shape(cpu, SamplingConfig()) == ({"CPU": 16}, 2)  # one engine per (large) node, all its cores
     assert engine_shape(cpu, SamplingConfig(cpus_per_engine=4)) == ({"CPU": 4}, 9)
@@ -214,3 +218,46 @@ def test_two_nodes_get_an_engine_each(tmp_path):
     nodes = [a["node_id"] for a in m["ray_actors"]]
     assert len(set(nodes)) == 2 and sorted(resources[n][0] for n in nodes) == ["node_a", "node_b"]
     assert sorted(p.name for p in (tmp_path / "candidates").glob("shard-*.jsonl")) == [f"shard-{i:05d}.jsonl" for i in range(6)]
+
+
+# -- engines sharing a GPU --------------------------------------------------------------------------------------
+# A local Ray instance that declares one GPU (Ray trusts declared resources), stand-in engines that take a second
+# to start: with engines_per_gpu 2 both actors share the GPU, and the second starts once the first is up.
+STAGGER = r"""
+import json, sys, time
+from pathlib import Path
+import ray
+from core.config import SamplingConfig
+from sampling import ray_backend
+
+out = Path(sys.argv[1])
+
+class StandIn(ray_backend.EngineActor):  # no vLLM: an engine that takes a second to come up
+    def __init__(self, spec):
+        t0 = time.time()
+        time.sleep(1.0)
+        (out / f"up-{spec['rank']}.json").write_text(json.dumps([t0, time.time()]))
+    def sample(self, idx, entries):
+        time.sleep(1.0)  # the second engine comes up while the first works
+        return [{**e, "candidates": [{"k": 0, "num_tokens": 4}], "gen_seconds": 1.0} for e in entries]
+
+ray_backend.EngineActor = StandIn
+ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False)
+todo = [(i, [{"id": f"p{i}"}]) for i in range(8)]
+cfg = SamplingConfig(backend="ray", engines_per_gpu=2, gpu_memory_utilization=0.4)
+print(json.dumps(ray_backend.run(todo, {"dtype": "float32"}, out / "candidates", cfg)))
+"""
+
+
+@pytest.mark.vllm
+def test_engines_sharing_a_gpu_start_one_after_another(tmp_path):
+    env = {**os.environ, **ENV, "RAY_USAGE_STATS_ENABLED": "0"}
+    run = subprocess.run([sys.executable, "-c", STAGGER, str(tmp_path)], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=180)
+    assert run.returncode == 0, run.stderr[-3000:]
+    m = json.loads(run.stdout.strip().splitlines()[-1])
+    assert m["engines"] == 2 and m["ray_engine"] == {"GPU": 0.5, "CPU": 1}
+    first, second = (json.loads((tmp_path / f"up-{r}.json").read_text()) for r in (0, 1))
+    assert second[0] >= first[1]  # the second engine began after the first was up
+    assert len(list((tmp_path / "candidates").glob("shard-*.jsonl"))) == 8
+    assert all(a["shards"] > 0 for a in m["ray_actors"])  # and then both worked
