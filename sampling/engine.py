@@ -121,12 +121,20 @@ def load_engines(spec: dict):
     t0 = time.perf_counter()
     llm = make_engine(spec)
     t1 = time.perf_counter()
-    rm = load_reward_model(spec["reward"], dtype=spec["reward_dtype"])
-    if not spec["cpu"]:
-        rm.to("cuda")
+    rm = load_scorer(spec)
     print(f"[sampling worker {spec['rank']}] vLLM engine start {t1 - t0:.1f}s, reward model load "
           f"{time.perf_counter() - t1:.1f}s", file=sys.stderr, flush=True)
     return cfg, fmt, llm, rm
+
+
+def load_scorer(spec: dict):
+    """The reward model that scores a worker's candidates, loaded as its stage evaluated it: under
+    model.quantization nf4 its body 4-bit again, quantized as it loads onto the worker's GPU (a 70B reward model
+    takes ~37 GB so, beside vLLM's share of the GPU; 141 GB in bf16), else in the worker's dtype."""
+    quantization = spec.get("reward_quantization", "none")
+    device = None if spec["cpu"] else "cuda"
+    rm = load_reward_model(spec["reward"], dtype=spec["reward_dtype"], quantization=quantization, device=device)
+    return rm.to(device) if device is not None and quantization == "none" else rm
 
 
 def sample_shard(llm, rm, idx: int, entries: list[dict], cfg: SamplingConfig, fmt) -> list[dict]:

@@ -38,7 +38,8 @@ How it works:
   replaced by it, a missing stop token appended), or with llama3.1 <|eom_id|> when it made a built-in tool
   call (kept, never followed by an eot); one cut by `max_tokens` has no eot and is `truncated`.
 - The reward model scores prompt + completion ids (`fmt.encode_completion`, never decoded and re-encoded),
-  read at the last real token, in float32 on CPU.
+  read at the last real token, in float32 on CPU; under `model.quantization: nf4` its body 4-bit again, as its
+  stage evaluated it (`sampling.engine.load_scorer`).
 - Resumable: shards already written (and whole) are skipped; a torn or partial shard is regenerated; a
   change of config, policy, reward model or prompts (the key in progress.json) discards old shards.
 """
@@ -306,9 +307,10 @@ def main(recipe, out_dir, inputs: dict) -> dict:
     # local: one worker process per engine on this host; ray: the cluster's actors (counted by the Ray backend)
     groups = gpu_groups(cfg.data_parallel, cfg.tensor_parallel, cfg.engines_per_gpu) if cfg.backend == "local" else []
     # the models' hashes as their stages recorded them (checked by a stat each), not a re-read of both folders
+    quantization = recipe.model.quantization  # nf4: the reward model scores 4-bit, as its stage evaluated it
     key = hash_obj({"cfg": {f: getattr(cfg, f) for f in KEY_FIELDS}, "dtype": dtype, "policy": recorded_hash(policy),
                     "reward": recorded_hash(reward), "plan": [(e["id"], e["prompt_ids"], e["seed"]) for e in plan],
-                    "template": fmt.template_hash()})
+                    "template": fmt.template_hash(), **({"reward_quantization": quantization} if quantization != "none" else {})})
 
     # progress manifest: a different key means the shards on disk are someone else's
     prog_path = cand_dir / "progress.json"
@@ -332,7 +334,7 @@ def main(recipe, out_dir, inputs: dict) -> dict:
     t0 = time.perf_counter()
     backend_metrics = {}
     if todo:
-        spec = {"cfg": asdict(cfg), "policy": policy, "reward": reward, "out": str(out), "dtype": dtype,
+        spec = {"cfg": asdict(cfg), "policy": policy, "reward": reward, "out": str(out), "dtype": dtype, "reward_quantization": quantization,
                 "chat_template": template[0], "template_date": template[1],
                 "max_model_len": min(max_pos, max(len(e["prompt_ids"]) for e in plan) + cfg.max_tokens)}
         before = list(progress["done"])

@@ -205,6 +205,18 @@ def test_reward_model_nf4_body_full_precision_head(tiny, tmp_path, monkeypatch):
     assert not models.quantized_layers(saved)
     head = next(p for n, p in heads.items() if "modules_to_save" in n)
     assert torch.equal(saved.score.weight, head.detach().to(torch.bfloat16))  # the trained head, saved
+    # the sampling stage scores with it as the stage evaluated it: 4-bit again under nf4 (a 70B fits beside vLLM)
+    from sampling.engine import load_scorer, score_candidates
+
+    spec = {"reward": str(out / "model"), "reward_dtype": "bfloat16", "cpu": True}
+    scorer = load_scorer({**spec, "reward_quantization": "nf4"})
+    assert len(models.quantized_layers(scorer)) == 2 * 7 and not models.quantized_layers(load_scorer(spec))
+    prompts = [[{"role": "user", "content": "hi"}]] * 2
+    completions = [fmt.text_ids("hello") + [fmt.eot_id], fmt.text_ids("bye") + [fmt.eot_id]]
+    got = score_candidates(scorer, fmt, prompts, completions, batch_size=2)
+    assert got == score_candidates(load_reward_model(out / "model", "bfloat16", quantization="nf4"), fmt, prompts,
+                                   completions, batch_size=2)  # the reward stage's own evaluation's load
+    assert all(math.isfinite(r) for r in got)
 
 
 # -- the loader's refusals ----------------------------------------------------------------------------------
