@@ -184,6 +184,9 @@ class SamplingConfig:
     engines_per_gpu: int = num(1, ge=1)
     gpu_memory_utilization: float = num(0.3, gt=0, le=1)
     enforce_eager: bool = False  # GPU: skip torch.compile and CUDA graphs (an engine starts in seconds, not minutes)
+    # local backend: generate every shard first, then score them all in one process once the engines have exited,
+    # so that the reward model has the GPU to itself (a 70B policy and a 70B reward model on two 80 GB GPUs)
+    score_after_generation: bool = False
     # engine settings (sampling/engine.py; bench/sampling_speed.py measures them): the stage reads token ids only,
     # so vLLM's detokenization is off unless asked; 0 / null leave vLLM's own default
     detokenize: bool = False
@@ -386,6 +389,9 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
         raise ConfigError(f"{src}: 'sampling.engines_per_gpu: {smp.engines_per_gpu}' engines of "
                           f"'sampling.gpu_memory_utilization: {smp.gpu_memory_utilization}' each would need "
                           f"{smp.engines_per_gpu * smp.gpu_memory_utilization:g} of a GPU's memory: at most 1")
+    if smp.score_after_generation and smp.backend != "local":
+        raise ConfigError(f"{src}: 'sampling.score_after_generation' runs on the local backend: it needs "
+                          f"sampling.backend: local (got {smp.backend})")
     if recipe.dpo.pack_tokens and not recipe.dpo.prefix_sharing:
         raise ConfigError(f"{src}: 'dpo.pack_tokens' packs prefix-shared pairs: it needs dpo.prefix_sharing: true")
     if recipe.reward.pack_tokens and not recipe.reward.one_row:

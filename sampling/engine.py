@@ -1,8 +1,9 @@
 """One vLLM engine and the reward model that scores its candidates: what a sampling worker runs, whoever
 runs it (a local worker process of sampling/sample.py, or a Ray actor of sampling/ray_backend.py).
 
-Both backends generate and score a shard through `sample_shard`, so candidates depend only on (prompt,
-seed, k, sampling settings), not on which process or node made them.
+Both backends generate and score a shard through `sample_shard` (or, with `sampling.score_after_generation`,
+`generated_shard` for every shard and then `score_shard`), so candidates depend only on (prompt, seed, k,
+sampling settings), not on which process or node made them, nor on when they were scored.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from reward.model import load_reward_model, score_sequences
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARD_FMT = "shard-{:05d}.jsonl"
+GEN_FMT = "gen-{:05d}.jsonl"  # score_after_generation: a shard generated, not yet scored
 
 
 def normalize_completion(token_ids, finish_reason: str | None, eot_id: int, stop_ids, turn_end_ids=None,
@@ -113,15 +115,15 @@ def generate_shard(llm, entries: list[dict], cfg: SamplingConfig, fmt) -> tuple[
     return recs, gen_s, window
 
 
-def load_engines(spec: dict):
+def load_engines(spec: dict, phase: str = "both"):
     """(cfg, fmt, vLLM engine, reward model) of one worker spec: what a local worker process and a Ray actor
-    (sampling/ray_backend.py) each hold."""
+    (sampling/ray_backend.py) each hold. `phase` generate: no reward model (None); score: no engine (None)."""
     cfg = section(SamplingConfig, spec["cfg"], "sampling")
     fmt = load_tokenizer(spec["policy"], spec["chat_template"], spec["template_date"])
     t0 = time.perf_counter()
-    llm = make_engine(spec)
+    llm = make_engine(spec) if phase != "score" else None
     t1 = time.perf_counter()
-    rm = load_scorer(spec)
+    rm = load_scorer(spec) if phase != "generate" else None
     print(f"[sampling worker {spec['rank']}] vLLM engine start {t1 - t0:.1f}s, reward model load "
           f"{time.perf_counter() - t1:.1f}s", file=sys.stderr, flush=True)
     return cfg, fmt, llm, rm
@@ -130,7 +132,7 @@ def load_engines(spec: dict):
 def load_scorer(spec: dict):
     """The reward model that scores a worker's candidates, loaded as its stage evaluated it: under
     model.quantization nf4 its body 4-bit again, quantized as it loads onto the worker's GPU (a 70B reward model
-    takes ~37 GB so, beside vLLM's share of the GPU; 141 GB in bf16), else in the worker's dtype."""
+    takes ~37 GB so, 141 GB in bf16), else in the worker's dtype."""
     quantization = spec.get("reward_quantization", "none")
     device = None if spec["cpu"] else "cuda"
     rm = load_reward_model(spec["reward"], dtype=spec["reward_dtype"], quantization=quantization, device=device)
@@ -140,7 +142,21 @@ def load_scorer(spec: dict):
 def sample_shard(llm, rm, idx: int, entries: list[dict], cfg: SamplingConfig, fmt) -> list[dict]:
     """One shard's records, generated and scored: the one code path for a shard, whoever runs it (a local worker,
     a Ray actor), so that candidates depend on the prompts and the recipe alone."""
+    return score_shard(rm, generated_shard(llm, idx, entries, cfg, fmt), cfg, fmt)
+
+
+def generated_shard(llm, idx: int, entries: list[dict], cfg: SamplingConfig, fmt) -> list[dict]:
+    """One shard's records with their candidates, not scored yet."""
     recs, gen_s, window = generate_shard(llm, entries, cfg, fmt)
+    for r in recs:  # per-shard timings, shared out so that sums over records survive resumes
+        r["shard"], r["gen_seconds"] = idx, gen_s / len(recs)
+        r["gen_window"] = window  # when this shard generated: engines that overlap (engines_per_gpu) are not summed
+    return recs
+
+
+def score_shard(rm, recs: list[dict], cfg: SamplingConfig, fmt) -> list[dict]:
+    """A generated shard's records with every candidate's reward (in place), in one batching per shard: the
+    same rewards whether the shard is scored right after it is generated or later (score_after_generation)."""
     t0 = time.perf_counter()
     flat = [(r["prompt"], c, tool_args(r)) for r in recs for c in r["candidates"]]
     scores = score_candidates(rm, fmt, [p for p, _, _ in flat], [c["completion_ids"] for _, c, _ in flat],
@@ -148,9 +164,8 @@ def sample_shard(llm, rm, idx: int, entries: list[dict], cfg: SamplingConfig, fm
     for (_, c, _), s in zip(flat, scores):
         c["reward"] = s
     score_s = time.perf_counter() - t0
-    for r in recs:  # per-shard timings, shared out so that sums over records survive resumes
-        r["shard"], r["gen_seconds"], r["score_seconds"] = idx, gen_s / len(recs), score_s / len(recs)
-        r["gen_window"] = window  # when this shard generated: engines that overlap (engines_per_gpu) are not summed
+    for r in recs:
+        r["score_seconds"] = score_s / len(recs)
     return recs
 
 

@@ -27,7 +27,9 @@ How it works:
   batching, sharding or resumes.
 - Generation and scoring run in worker process(es) (`--worker SPEC`): one engine on a CPU host, one per
   GPU group with `sampling.data_parallel > 1` (CUDA_VISIBLE_DEVICES set per worker), and up to
-  `sampling.engines_per_gpu` of them on each GPU (the second starts once the first is up). This keeps vLLM's
+  `sampling.engines_per_gpu` of them on each GPU (the second starts once the first is up). With
+  `sampling.score_after_generation` the workers generate every shard first (gen-*.jsonl) and exit, and one
+  worker then scores them all, its reward model alone on the GPU. This keeps vLLM's
   thread/NUMA binding out of the calling process. With `sampling.backend: ray` they run in Ray actors
   instead, anywhere in a Ray cluster (sampling/ray_backend.py), through the same `sample_shard`; this
   process alone writes the shards there. On CPU the worker runs vLLM's engine in-process with
@@ -68,7 +70,8 @@ from data.default_task import judge
 from data.formats import DataError
 from data.validate import load_prompts, prompt_keys
 from reward.model import check_reward_folder
-from sampling.engine import SHARD_FMT, engine_env, load_engines, sample_shard, with_device
+from sampling.engine import (GEN_FMT, SHARD_FMT, engine_env, generated_shard, load_engines, sample_shard, score_shard,
+                             with_device)
 from sampling.select import prompt_rng, prompt_seed, select_all
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -146,17 +149,27 @@ def shard_ok(path: Path, entries: list[dict], k: int) -> list[dict] | None:
 
 
 def run_worker(spec_path: str) -> int:
-    """Generate and score the shards listed in the spec, each written atomically when done."""
+    """Generate and score the shards listed in the spec, each written atomically when done. The spec's `phase`:
+    both (default), generate (gen-*.jsonl, unscored) or score (a gen file scored into its shard file)."""
     spec = json.loads(Path(spec_path).read_text())
     _exit_with_parent(spec.get("parent_pid"))
-    cfg, fmt, llm, rm = load_engines(spec)
+    phase = spec.get("phase", "both")
+    cfg, fmt, llm, rm = load_engines(spec, phase)
     cand_dir = Path(spec["out"]) / "candidates"
     (cand_dir / f".worker-{spec['rank']}.ready").touch()  # an engine waiting to share this GPU may start now
     for idx, entries in spec["shards"]:
-        recs = sample_shard(llm, rm, idx, entries, cfg, fmt)
-        write_jsonl(cand_dir / SHARD_FMT.format(idx), recs)
+        if phase == "generate":
+            recs = generated_shard(llm, idx, entries, cfg, fmt)
+            write_jsonl(cand_dir / GEN_FMT.format(idx), recs)
+        elif phase == "score":
+            recs = score_shard(rm, read_jsonl(cand_dir / GEN_FMT.format(idx))[0], cfg, fmt)
+            write_jsonl(cand_dir / SHARD_FMT.format(idx), recs)
+            (cand_dir / GEN_FMT.format(idx)).unlink()
+        else:
+            recs = sample_shard(llm, rm, idx, entries, cfg, fmt)
+            write_jsonl(cand_dir / SHARD_FMT.format(idx), recs)
         print(f"[sampling worker {spec['rank']}] shard {idx}: generate {sum(r['gen_seconds'] for r in recs):.2f}s, "
-              f"score {sum(r['score_seconds'] for r in recs):.2f}s", file=sys.stderr, flush=True)
+              f"score {sum(r.get('score_seconds', 0.0) for r in recs):.2f}s", file=sys.stderr, flush=True)
     return 0
 
 
@@ -216,9 +229,9 @@ def start_after(groups: list[str | None]) -> list[int | None]:
 
 
 def run_workers(todo: list[tuple[int, list[dict]]], spec: dict, cand_dir: Path, groups: list[str | None],
-                on_done=None) -> None:
+                on_done=None, name_fmt: str = SHARD_FMT) -> None:
     """Spread shards over one worker per engine; show progress over shards (`on_done(shard indices)` as
-    they land); raise if a worker fails."""
+    their `name_fmt` files land); raise if a worker fails."""
     procs: dict[int, subprocess.Popen] = {}
     waiting = {}  # rank -> (its spec path, env, the rank it starts after)
     for rank, (devs, after) in enumerate(zip(groups, start_after(groups))):
@@ -241,8 +254,9 @@ def run_workers(todo: list[tuple[int, list[dict]]], spec: dict, cand_dir: Path, 
                 procs[rank] = subprocess.Popen([sys.executable, "-m", "sampling.sample", "--worker", str(path)], env=env,
                                                preexec_fn=_pdeathsig if os.name == "posix" else None)
 
-    paths = [cand_dir / SHARD_FMT.format(i) for i, _ in todo]
-    with progress(total=len(todo), desc="sampling shards", unit="shard") as bar:
+    paths = [cand_dir / name_fmt.format(i) for i, _ in todo]
+    desc = {"generate": "generating shards", "score": "scoring shards"}.get(spec.get("phase"), "sampling shards")
+    with progress(total=len(todo), desc=desc, unit="shard") as bar:
         try:
             while True:
                 start_ready()
@@ -320,7 +334,7 @@ def main(recipe, out_dir, inputs: dict) -> dict:
         progress = {}
     remove_temp_files(cand_dir)  # of a killed writer: a shard, or progress.json mid-write
     if progress.get("key") != key:
-        for p in cand_dir.glob("shard-*.jsonl"):
+        for p in [*cand_dir.glob("shard-*.jsonl"), *cand_dir.glob("gen-*.jsonl")]:
             p.unlink()
         progress = {"key": key}
     progress.update({"n_shards": len(shards), "shard_size": cfg.shard_size, "prompts": len(plan)})
@@ -352,6 +366,11 @@ def main(recipe, out_dir, inputs: dict) -> dict:
                 raise ConfigError("sampling.backend=ray: Ray is not installed (pip install ray; make install "
                                   "installs it)") from None
             backend_metrics = ray_backend.run(todo, spec, cand_dir, cfg, on_done)
+        elif cfg.score_after_generation:  # every shard generated, the engines gone, then scored in one process
+            spec = with_device(spec, cpu=groups[0] is None)
+            ungenerated = [(i, s) for i, s in todo if shard_ok(cand_dir / GEN_FMT.format(i), s, cfg.k) is None]
+            run_workers(ungenerated, {**spec, "phase": "generate"}, cand_dir, groups, name_fmt=GEN_FMT)
+            run_workers(todo, {**spec, "phase": "score"}, cand_dir, groups[:1], on_done)
         else:
             run_workers(todo, with_device(spec, cpu=groups[0] is None), cand_dir, groups, on_done)
     wall = time.perf_counter() - t0

@@ -371,6 +371,44 @@ def test_kill9_resume_and_torn_shard(stage):
     assert not list((out / "candidates").glob(".*.tmp"))
 
 
+@pytest.mark.vllm
+def test_score_after_generation_writes_the_same_candidates(stage):
+    """sampling.score_after_generation: every shard generated (gen-*.jsonl), the engine gone, then scored in one
+    process: the uninterrupted run's candidates, rewards and pairs. A shard generated but not scored (a kill
+    between the phases) is scored on the rerun, not generated again."""
+    from core.config import load_recipe
+    from sampling.engine import GEN_FMT, SHARD_FMT
+    from sampling.sample import main
+
+    d, out = stage["dir"], stage["dir"] / "after"
+    recipe = load_recipe(d / "recipe.yaml", OVERRIDES + ["sampling.score_after_generation=true"])
+    main(recipe, out, stage["inputs"])
+    cand = out / "candidates"
+    assert _candidates(out) == _candidates(d / "ref") and not list(cand.glob("gen-*.jsonl"))
+    assert (out / "pairs.jsonl").read_text() == (d / "ref" / "pairs.jsonl").read_text()
+
+    shard = cand / SHARD_FMT.format(1)  # as a kill between the phases leaves it: generated, not scored
+    gen = _jsonl(shard)
+    for r in gen:
+        del r["score_seconds"]
+        for c in r["candidates"]:
+            del c["reward"]
+    (cand / GEN_FMT.format(1)).write_text("".join(json.dumps(r) + "\n" for r in gen))
+    shard.unlink()
+    m = main(recipe, out, stage["inputs"])
+    assert m["shards_resumed"] == m["shards"] - 1 and _candidates(out) == _candidates(d / "ref")
+    assert [r["gen_window"] for r in _jsonl(shard)] == [r["gen_window"] for r in gen]  # scored, not generated again
+    assert not list(cand.glob("gen-*.jsonl"))
+
+
+def test_score_after_generation_is_local_only():
+    from core.config import ConfigError, load_recipe
+
+    assert load_recipe(None, ["sampling.score_after_generation=true"]).sampling.score_after_generation
+    with pytest.raises(ConfigError, match="score_after_generation' runs on the local backend"):
+        load_recipe(None, ["sampling.score_after_generation=true", "sampling.backend=ray"])
+
+
 def test_engine_kwargs_cpu_and_gpu():
     from dataclasses import asdict
 
