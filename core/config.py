@@ -178,7 +178,8 @@ class SamplingConfig:
     shard_size: int = num(64, ge=1)
     data_parallel: int = num(1, ge=1)
     tensor_parallel: int = num(1, ge=1)
-    # GPU engines sharing each GPU (tensor_parallel 1; local and ray). One engine of a small model is bound by
+    # GPU engines sharing each GPU (tensor_parallel 1; local: on each of the data_parallel GPUs; ray: on every GPU
+    # of the cluster, unless sampling.engines says fewer engines). One engine of a small model is bound by
     # vLLM's scheduler, CPU work for every sequence at every step, long before the GPU is busy: a second engine
     # (its own process, its own scheduler) fills the GPU's idle time. gpu_memory_utilization is each engine's share.
     engines_per_gpu: int = num(1, ge=1)

@@ -208,11 +208,12 @@ def gpu_groups(data_parallel: int, tensor_parallel: int, engines_per_gpu: int = 
 
 
 def engine_devices(devices: list[str], data_parallel: int, tensor_parallel: int, engines_per_gpu: int = 1) -> list[str]:
-    """Up to data_parallel engines over groups of tensor_parallel devices, each group holding up to
-    engines_per_gpu engines; engine i on group i mod groups, so that engines spread over GPUs before they share."""
-    groups = [",".join(devices[i * tensor_parallel : (i + 1) * tensor_parallel]) for i in range(len(devices) // tensor_parallel)]
-    n = max(1, min(data_parallel, len(groups) * engines_per_gpu))
-    return [groups[i % len(groups)] for i in range(n)] if groups else []
+    """engines_per_gpu engines on each of up to data_parallel groups of tensor_parallel devices (fewer devices
+    than tensor_parallel: one group of them all, which vLLM then refuses, naming why); engine i on group
+    i mod groups, so that engines spread over the GPUs before they share one."""
+    fit = min(max(1, data_parallel), len(devices) // tensor_parallel)
+    groups = [",".join(devices[i * tensor_parallel : (i + 1) * tensor_parallel]) for i in range(fit)] or [",".join(devices)]
+    return [groups[i % len(groups)] for i in range(len(groups) * engines_per_gpu)]
 
 
 def start_after(groups: list[str | None]) -> list[int | None]:

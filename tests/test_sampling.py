@@ -500,12 +500,14 @@ def test_engines_per_gpu_placement_and_config():
     from core.config import ConfigError, load_recipe
     from sampling.sample import engine_devices, start_after
 
-    assert engine_devices(["0", "1"], 4, 1, 2) == ["0", "1", "0", "1"]
-    assert engine_devices(["0", "1"], 3, 1, 2) == ["0", "1", "0"]
-    assert engine_devices(["0", "1"], 8, 1, 2) == ["0", "1", "0", "1"]  # at most 2 per GPU
+    # data_parallel counts GPUs (groups of tensor_parallel), engines_per_gpu the engines on each
+    assert engine_devices(["0"], 1, 1, 2) == ["0", "0"]
+    assert engine_devices(["0", "1"], 2, 1, 2) == ["0", "1", "0", "1"]
+    assert engine_devices(["0", "1"], 8, 1, 2) == ["0", "1", "0", "1"]  # as many GPUs as there are
+    assert engine_devices(["0", "1"], 1, 1, 3) == ["0", "0", "0"]
     assert engine_devices(["0", "1"], 8, 1, 1) == ["0", "1"]  # the default: one engine a GPU
     assert engine_devices(["0", "1", "2", "3"], 4, 2) == ["0,1", "2,3"]
-    assert engine_devices(["0"], 1, 2) == []  # no group of 2 GPUs
+    assert engine_devices(["0"], 1, 2) == ["0"]  # no group of 2 GPUs: vLLM says so
     assert start_after(["0", "1", "0", "1", "0"]) == [None, None, 0, 1, 2]
     assert start_after([None]) == [None] and start_after(["0,1", "2,3"]) == [None, None]
     recipe = load_recipe(None, ["sampling.engines_per_gpu=2", "sampling.gpu_memory_utilization=0.4"])
