@@ -201,8 +201,9 @@ def reference_logps(batch: dict, ref_model=None, policy=None) -> tuple[torch.Ten
 
 
 def precompute_reference(pairs, fmt: ChatFormat, cfg, accelerator, ref_model=None, policy=None,
-                         mask_dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Reference log-probs of every pair, [N, 2] (chosen, rejected) on CPU; each process does a shard."""
+                         mask_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, float]:
+    """(Reference log-probs of every pair, [N, 2] (chosen, rejected) on CPU; the seconds of the first batch,
+    which pays for compiling kernels: how much of the pass is warm-up). Each process does a shard."""
     n, world, rank = len(pairs), accelerator.num_processes, accelerator.process_index
     shard = -(-n // world)
     mine = list(range(rank * shard, min(n, (rank + 1) * shard)))
@@ -212,15 +213,19 @@ def precompute_reference(pairs, fmt: ChatFormat, cfg, accelerator, ref_model=Non
     # forward only, no graph kept: twice the training micro-batch (packed: into rows of twice pack_tokens)
     bs, pack = 2 * cfg.batch_size, 2 * cfg.pack_tokens
     bar = tracking.progress(range(0, len(mine), bs), desc="reference log-probs", disable=not accelerator.is_local_main_process)
+    t0, first = time.perf_counter(), 0.0
     for i in bar:
         idx = mine[i : i + bs]
         batch = collate_pairs([pairs[j] for j in idx], fmt.pad_id, cfg.mask_special_tokens, prefix_sharing=cfg.prefix_sharing,
                               mask_dtype=mask_dtype, pack_tokens=pack, flex=cfg.attention == "flex")
         ref_chosen, ref_rejected = reference_logps(to_device(batch, accelerator.device), ref_model, policy)
         out[i : i + len(idx)] = torch.stack([ref_chosen, ref_rejected], -1)
+        if i == 0:  # the first batch pays for compiling kernels
+            out[0, 0].item()  # waits for the batch's kernels
+            first = time.perf_counter() - t0
     if world > 1:
         out = accelerator.gather(out)  # [world * shard, 2], in rank order
-    return out[:n].cpu()
+    return out[:n].cpu(), first
 
 
 # -- one optimizer step ---------------------------------------------------------------------------------------
@@ -305,7 +310,7 @@ def main(recipe, out_dir: Path, inputs: dict) -> dict:
 
     run = checkpoints.start_or_resume(accelerator, out_dir, recipe, inputs, cfg, len(plan), "dpo")
 
-    ref_table, ref_seconds = None, 0.0  # [N, 2] reference log-probs when precomputed, and what that took
+    ref_table, ref_seconds, ref_first = None, 0.0, None  # [N, 2] reference log-probs when precomputed, what that took
     if cfg.precompute_ref:
         t0 = time.perf_counter()
         cache = run.ckpt_dir / "ref_logps.pt"
@@ -313,7 +318,7 @@ def main(recipe, out_dir: Path, inputs: dict) -> dict:
         if saved is not None and saved.get("config_hash") == run.config_hash and len(saved["logps"]) == len(pairs):
             ref_table = saved["logps"]
         else:
-            ref_table = precompute_reference(pairs, fmt, cfg, accelerator, ref_model, policy, mask_dtype)
+            ref_table, ref_first = precompute_reference(pairs, fmt, cfg, accelerator, ref_model, policy, mask_dtype)
             if accelerator.is_main_process:  # save_every 0 too: a SIGTERM checkpoints at any step
                 run.ckpt_dir.mkdir(parents=True, exist_ok=True)
                 torch.save({"config_hash": run.config_hash, "logps": ref_table}, cache.with_suffix(".tmp"))
@@ -362,7 +367,8 @@ def main(recipe, out_dir: Path, inputs: dict) -> dict:
                "mask_special_tokens": cfg.mask_special_tokens,
                "nll_mask_special_tokens": cfg.nll_mask_special_tokens, "prefix_sharing": cfg.prefix_sharing,
                "pack_tokens": cfg.pack_tokens, "gradient_checkpointing": cfg.gradient_checkpointing,
-               "master_weights": cfg.master_weights, **applied, "ref_precompute_seconds": round(ref_seconds, 2), **perf, **averaged}
+               "master_weights": cfg.master_weights, **applied, "ref_precompute_seconds": round(ref_seconds, 2),
+               "ref_precompute_first_batch_seconds": ref_first and round(ref_first, 2), **perf, **averaged}
     metrics.update(evaluate_saved_policy(accelerator, out_dir, recipe, fmt, inputs.get("eval_prompts")))
     if accelerator.is_main_process:
         shutil.rmtree(run.ckpt_dir, ignore_errors=True)  # the model is saved: its checkpoints are done with

@@ -455,6 +455,7 @@ def run_project(spec: dict) -> dict:
     return {
         **stage_figures(m, process_peak), "tokens_per_s_incl_warmup": m.get("throughput_incl_warmup"),
         "options": options, "profile": profile, "ref_precompute_seconds": m.get("ref_precompute_seconds"),
+        "ref_precompute_first_batch_seconds": m.get("ref_precompute_first_batch_seconds"),
         "examples_total": (m.get("pairs") or {}).get("pairs") if section == "dpo" else m.get("examples"),
         "flags": {"entry": entry, "overrides": overrides,
                   "precompute_ref": getattr(cfg, "precompute_ref", None), "lora": LORA if cfg.lora else None,
@@ -660,7 +661,7 @@ def row(stage: str, arm: str, r: dict, params: int, cuda: bool) -> dict:
         per_pair = 1 / r["examples_per_s"] + r["ref_precompute_seconds"] / r["examples_total"]
         out["pairs_per_s_incl_ref"] = round(1 / per_pair, 2)
         out["ref_precompute_seconds"] = r["ref_precompute_seconds"]
-    for k in ("step_seconds", "alloc_retries", "gc_collections"):
+    for k in ("ref_precompute_first_batch_seconds", "step_seconds", "alloc_retries", "gc_collections"):
         if r.get(k) is not None:
             out[k] = r[k]
     return out
