@@ -168,6 +168,49 @@ def test_flex_block_mask_is_the_dense_mask(tiny_fmt, sets):
         assert (dense["input_ids"] == fmt.pad_id).any() and not allowed.all()
 
 
+def _random_rows(rng: random.Random, B: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """doc, branch [B, T] of rows as the packer lays them out: documents in increasing id, each a prompt
+    (branch 0) and 0, 2 or 3 responses (branches 1..), pads (doc -1) after; T often past a whole block."""
+    rows = []
+    for _ in range(B):
+        doc, branch = [], []
+        for d in range(rng.randint(1, 6)):
+            n = rng.randint(5, 400)
+            doc, branch = doc + [d] * n, branch + [0] * n
+            for r in range(rng.choice([0, 2, 3])):
+                n = rng.randint(3, 300)
+                doc, branch = doc + [d] * n, branch + [r + 1] * n
+        rows.append((doc, branch))
+    T = max(len(d) for d, _ in rows) + rng.choice([0, 37, 300])
+    doc, branch = torch.full((B, T), packing.PAD_DOC), torch.zeros((B, T), dtype=torch.long)
+    for b, (d, r) in enumerate(rows):
+        doc[b, : len(d)], branch[b, : len(r)] = torch.tensor(d), torch.tensor(r)
+    return doc, branch
+
+
+def test_block_mask_equals_create_block_mask(tiny_fmt, sets):
+    """packing.block_mask (blocks counted from segments) is create_block_mask's BlockMask of the same rule:
+    the same partial and full blocks, in the same order, both ways (kv and q), for packed DPO rows and random
+    rows of several documents, 2-3 responses, pads and lengths that are not whole blocks."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    rng = random.Random(0)
+    pairs = uneven_pairs(tiny_fmt, sets["preference"])
+    batch = dpo.collate_pairs(pairs, tiny_fmt.pad_id, prefix_sharing=True, pack_tokens=150, flex=True)
+    cases = [(batch["doc"], batch["branch"])] + [_random_rows(rng, rng.randint(1, 3)) for _ in range(30)]
+    n_full = 0
+    for doc, branch in cases:
+        B, T = doc.shape
+        ours = packing.block_mask(doc, branch)
+        ref = create_block_mask(packing.mask_rule(doc, branch), B, None, T, T, device="cpu")
+        assert ours.shape == ref.shape and ours.BLOCK_SIZE == ref.BLOCK_SIZE
+        for name in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices",
+                     "q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices"):
+            assert getattr(ours, name).equal(getattr(ref, name)), name
+        n_full += int(ref.full_kv_num_blocks.sum())
+    assert n_full > 100  # the cases hold full blocks, not only partial ones
+
+
 def test_flex_attention_forward_equals_sdpa(tiny_fmt, tiny_lm, sets):
     """The model with attn_implementation flex_attention and the BlockMask gives the dense-mask SDPA log-probs
     (forward only: FlexAttention has no backward on the CPU; the GPU benchmark trains with it)."""
