@@ -379,6 +379,9 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
         if stage.master_weights == "bf16_kahan" and launcher in ("zero2", "zero3", "fsdp2"):
             raise ConfigError(f"{src}: '{name}.master_weights: bf16_kahan' is for one process or ddp: launch.launcher "
                               f"{launcher} keeps float32 master weights of its own (use master_weights: float32)")
+        if stage.compile and stage.liger:  # seen on an H100 (torch 2.11, liger-kernel 0.8.5): fails at the first step
+            raise ConfigError(f"{src}: '{name}.compile' with '{name}.liger': torch.compile cannot trace Liger's kernels "
+                              "(Dynamo stops at LigerRMSNormFunction); choose one")
     if recipe.eval.temperature == 0 and recipe.eval.samples_per_prompt > 1:  # generate() refuses it mid-run
         raise ConfigError(f"{src}: 'eval.temperature: 0' is greedy: one answer per prompt, so eval.samples_per_prompt "
                           f"must be 1 (got {recipe.eval.samples_per_prompt})")

@@ -165,6 +165,8 @@ def test_gpu_only_compute_options_refused_on_cpu_in_one_line():
     assert speedups_problem(recipe.sft, torch.device("cpu"), "sft") is None
     with pytest.raises(ConfigError, match="bf16_kahan"):
         load_recipe(None, ["model.dtype=bfloat16", "dpo.master_weights=bf16_kahan", "launch.launcher=zero3"])
+    with pytest.raises(ConfigError, match=r"'reward.compile' with 'reward.liger'.*choose one"):
+        load_recipe(None, ["reward.compile=true", "reward.liger=true"])
 
 
 def test_greedy_eval_with_several_samples_refused_at_load():
