@@ -281,15 +281,19 @@ def row(stage: str, arm: str, r: dict, extra: dict) -> dict:
 
 
 def ratios(rows: list[dict]) -> dict:
-    """Part (a): each arm over bf16_lora of its stage (tokens/s, peak memory)."""
+    """Part (a): each arm over bf16_lora of its stage, and the nf4 arms over the bf16 arm that checkpoints the
+    same way (nf4_lora / bf16_lora_gc, nf4_lora_nogc / bf16_lora: the quantization alone; a bf16_lora arm
+    that ran out of memory leaves only that one) (tokens/s, peak memory)."""
     ok = {(r["stage"], r["arm"]): r for r in rows if "error" not in r and r["stage"] in ("sft", "dpo")}
+    pairs = [(arm, "bf16_lora") for arm in ("nf4_lora", "bf16_lora_gc", "nf4_lora_nogc")] + [("nf4_lora", "bf16_lora_gc")]
     out = {}
-    for (stage, arm), r in ok.items():
-        base = ok.get((stage, "bf16_lora"))
-        if base is None or arm == "bf16_lora":
-            continue
-        out[f"{stage}: {arm} / bf16_lora"] = {k: round(r[k] / base[k], 3) if r.get(k) and base.get(k) else None
-                                              for k in ("tokens_per_s", "peak_gib", "resident_gib")}
+    for stage in ("sft", "dpo"):
+        for arm, over in pairs:
+            r, base = ok.get((stage, arm)), ok.get((stage, over))
+            if r is None or base is None or f"{stage}: {arm} / {over}" in out:
+                continue
+            out[f"{stage}: {arm} / {over}"] = {k: round(r[k] / base[k], 3) if r.get(k) and base.get(k) else None
+                                               for k in ("tokens_per_s", "peak_gib", "resident_gib")}
     return out
 
 

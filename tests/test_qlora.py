@@ -354,3 +354,23 @@ def test_bench_fit_extrapolates_memory_per_layer():
     assert one == {"held_gib": 36.0, "resident_gib": 45.0, "peak_gib": 90.0}
     lm_head = 128256 * 8192 * 2 / 2**30
     assert two["peak_gib"] == round(90.0 - 45.0 / 2 + 2 * 0.5 + lm_head / 2, 4)
+
+
+def test_bench_ratios_compare_like_checkpointing():
+    """bench/qlora.py's ratios: every arm over bf16_lora, and nf4_lora over bf16_lora_gc (both checkpointing: the
+    quantization alone), which is the DPO comparison left when bf16_lora runs out of memory (an H100, batch 8)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("qlora_bench", Path(__file__).resolve().parents[1] / "bench" / "qlora.py")
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules["qlora_bench"] = bench
+    spec.loader.exec_module(bench)
+    row = lambda stage, arm, tps, peak: {"stage": stage, "arm": arm, "tokens_per_s": tps, "peak_gib": peak, "resident_gib": 1.0}  # noqa: E731
+    rows = [row("sft", "bf16_lora", 100.0, 50.0), row("sft", "nf4_lora", 70.0, 10.0), row("sft", "bf16_lora_gc", 50.0, 20.0),
+            {"stage": "dpo", "arm": "bf16_lora", "error": "OutOfMemoryError"}, row("dpo", "nf4_lora", 60.0, 12.0),
+            row("dpo", "bf16_lora_gc", 40.0, 24.0)]
+    out = bench.ratios(rows)
+    assert out["sft: nf4_lora / bf16_lora"]["tokens_per_s"] == 0.7 and out["sft: nf4_lora / bf16_lora"]["peak_gib"] == 0.2
+    assert out["sft: nf4_lora / bf16_lora_gc"]["tokens_per_s"] == 1.4 and out["sft: bf16_lora_gc / bf16_lora"]["peak_gib"] == 0.4
+    assert set(k for k in out if k.startswith("dpo")) == {"dpo: nf4_lora / bf16_lora_gc"}
+    assert out["dpo: nf4_lora / bf16_lora_gc"] == {"tokens_per_s": 1.5, "peak_gib": 0.5, "resident_gib": 1.0}

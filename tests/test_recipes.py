@@ -8,6 +8,7 @@ section into the right `accelerate launch` command.
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 from pathlib import Path
@@ -130,7 +131,7 @@ def test_every_recipe_names_its_chat_template(path):
 def test_qlora_recipes(path):
     """nf4 with LoRA on every stage (the loader refuses anything else), a launcher that keeps the 4-bit weights
     whole: one GPU, or FSDP2 whose bf16 mixed precision equals the packed weights' bf16 storage (a cast would
-    turn their bits into other numbers); the 70B's memory stays a stated expectation until measured."""
+    turn their bits into other numbers); the 70B's stated memory is its measured fit's."""
     r = load_recipe(path)
     assert r.model.quantization == "nf4" and r.model.dtype == "bfloat16"
     assert all(getattr(r, s).lora is not None for s in ("sft", "reward", "dpo"))
@@ -140,7 +141,14 @@ def test_qlora_recipes(path):
         assert launcher["fsdp_config"]["fsdp_cpu_ram_efficient_loading"] is False  # each process quantizes on its GPU
         assert launcher["fsdp_config"]["fsdp_activation_checkpointing"] is False  # the stages checkpoint (nf4's default)
     if "70b" in path.name:
-        assert (r.launch.launcher, r.launch.gpus) == ("fsdp2", 2) and "to be measured" in path.read_text()
+        assert (r.launch.launcher, r.launch.gpus) == ("fsdp2", 2)
+        # the memory it states is the measured fit's (bench/qlora.py's JSON), not a hope
+        fit = json.loads(sorted((ROOT / "bench" / "results").glob("qlora-*-nvidia-*.json"))[-1].read_text())["fit_70b"]
+        at80 = fit["extrapolated_80_layers"]
+        text = path.read_text()
+        assert f"{at80['1_gpu']['peak_gib']:.1f} GiB at 80 layers on one GPU" in text
+        assert f"{at80['2_gpus_fsdp2_per_gpu']['peak_gib']:.1f} GiB a GPU on two" in text
+        assert f"{fit['fit']['peak_gib']['per_layer_gib']:.3f} GiB of peak memory per layer" in text
     else:
         assert (r.launch.launcher, r.launch.gpus) == ("single", 1)
     with pytest.raises(ConfigError, match="needs 'dpo.lora'"):
