@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -52,7 +53,10 @@ def machine() -> dict:
 
 
 def machine_tag(m: dict) -> str:
-    return f"cpu-{m['machine']}-{m['cores']}c"
+    """cpu-x86_64-2c-intel-xeon: the processor's maker and family are in the name, since the figures depend on
+    them (the same seed gives other figures on an AMD EPYC than on an Intel Xeon of the same core count)."""
+    words = [re.sub(r"\(.*?\)|[^a-z0-9]", "", w.lower()) for w in m["cpu"].split()[:2]]
+    return "-".join([f"cpu-{m['machine']}-{m['cores']}c", *[w for w in words if w]])
 
 
 def run_seed(seed: int, recipe: str, overrides: list[str], output_dir: str) -> tuple[dict, float]:

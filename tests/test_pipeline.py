@@ -136,6 +136,19 @@ def test_default_recipe_holds_on_two_seeds(tmp_path):
         assert r["rm_accuracy"] >= 0.90, r
 
 
+def test_seeds_file_name_names_the_processor():
+    """The same seed gives other figures on another processor (seeds 0-4 on an AMD EPYC against the Intel Xeon
+    JSONs), so a seeds JSON's default name carries the processor's maker and family: an AMD run of the same
+    day writes beside the Intel one, not over it."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from seeds import machine_tag
+
+    m = {"machine": "x86_64", "cores": 2}
+    assert machine_tag({**m, "cpu": "Intel(R) Xeon(R) Processor"}) == "cpu-x86_64-2c-intel-xeon"
+    assert machine_tag({**m, "cpu": "AMD EPYC 9654 96-Core Processor"}) == "cpu-x86_64-2c-amd-epyc"
+    assert machine_tag({**m, "cpu": ""}) == "cpu-x86_64-2c"
+
+
 def test_seeds_command_line_takes_overrides_after_the_seeds():
     """bench/seeds.py --seeds 5 6 dpo.lr=5e-4: the seeds, then an override for every seed (its docstring's use)."""
     sys.path.insert(0, str(ROOT / "bench"))
