@@ -108,7 +108,9 @@ def test_default_recipe_figures(tmp_path):
     report = json.loads((tmp_path / "default" / "report" / "metrics.json").read_text())
     s = report["rounds"][0]["stages"]
     prep = report["stages"]["prepare"]
-    assert s["sft"]["gold_score"] > prep["gold_score"] + 0.2
+    # SFT lifts the base well clear of it: seed 0 gives 0.03 -> 0.27 on an Intel Xeon, 0.03 -> 0.20 on an AMD EPYC
+    # (other numerics, the same code); on the EPYC, seeds 0-6 gained 0.17 to 0.41
+    assert s["sft"]["gold_score"] > prep["gold_score"] + 0.1
     assert s["sft"]["gold_score"] < 0.9
     assert s["reward"]["rm_accuracy"] >= 0.90  # the promise of issue 14 (0.948 on seed 0 here)
     assert s["sampling"]["best_of_k_gold_score"] > s["sampling"]["random_of_k_gold_score"] + 0.1
