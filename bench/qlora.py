@@ -290,7 +290,7 @@ def ratios(rows: list[dict]) -> dict:
     for stage in ("sft", "dpo"):
         for arm, over in pairs:
             r, base = ok.get((stage, arm)), ok.get((stage, over))
-            if r is None or base is None or f"{stage}: {arm} / {over}" in out:
+            if r is None or base is None:
                 continue
             out[f"{stage}: {arm} / {over}"] = {k: round(r[k] / base[k], 3) if r.get(k) and base.get(k) else None
                                                for k in ("tokens_per_s", "peak_gib", "resident_gib")}

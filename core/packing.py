@@ -200,10 +200,10 @@ def block_mask(doc: torch.Tensor, branch: torch.Tensor):
     to its flex_attention implementation untouched (the model set to attn_implementation flex_attention).
 
     The blocks are those of `create_block_mask` (tested equal), counted from segments rather than by
-    evaluating the rule at every one of the B x T x T positions: eager, that evaluation cost a fixed ~0.1 s a
-    micro-batch on an H200 (the reward model's one row gained 1.43x over separate rows, 1.73x with a compiled
-    build), and compiled, it paid a compile for each new shape and grad mode (the 8B LoRA reference pass did
-    not finish its first batch in minutes on an H100).
+    evaluating the rule at every one of the B x T x T positions: with that evaluation eager, the reward model's
+    one row gained 1.43x over separate rows on an H200, 1.73x on an H100 with it compiled; compiled, it paid a
+    compile for new shapes and grad modes (80 s of warm-up there, and the 8B LoRA reference pass did not finish
+    its first batch in 400 s; README "Measured on GPUs").
 
     A segment is one (document, branch) of a row. Every query of segment s may see every earlier key of
     segment t, or none, as the rule says of (s, t): the [S, S] matrix `sees`. With `count` [B, n, S] the

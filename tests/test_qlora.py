@@ -335,15 +335,21 @@ if __name__ == "__main__":
 
 
 # -- bench/qlora.py's arithmetic ----------------------------------------------------------------------------------
-def test_bench_fit_extrapolates_memory_per_layer():
-    """Points on a line give the line back; 80 layers on 2 GPUs: the 1-GPU peak less half the resident memory,
-    plus two whole layers and half the LM head (bench/qlora.py's module doc)."""
+def _qlora_bench():
+    """bench/qlora.py as a module (bench/ is no package)."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("qlora_bench", Path(__file__).resolve().parents[1] / "bench" / "qlora.py")
     bench = importlib.util.module_from_spec(spec)
     sys.modules["qlora_bench"] = bench  # its dataclasses look their module up there
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_bench_fit_extrapolates_memory_per_layer():
+    """Points on a line give the line back; 80 layers on 2 GPUs: the 1-GPU peak less half the resident memory,
+    plus two whole layers and half the LM head (bench/qlora.py's module doc)."""
+    bench = _qlora_bench()
     assert bench.line_fit([4, 8, 16], [6.0, 8.0, 12.0]) == {"intercept_gib": 4.0, "per_layer_gib": 0.5, "max_residual_gib": 0.0}
     assert bench.line_fit([4], [1.0]) is None
     rows = [{"stage": f"dpo_70b_{n}L", "arm": "nf4_lora", "layers": n, "peak_gib": 10 + 1.0 * n, "resident_gib": 5 + 0.5 * n,
@@ -359,12 +365,7 @@ def test_bench_fit_extrapolates_memory_per_layer():
 def test_bench_ratios_compare_like_checkpointing():
     """bench/qlora.py's ratios: every arm over bf16_lora, and nf4_lora over bf16_lora_gc (both checkpointing: the
     quantization alone), which is the DPO comparison left when bf16_lora runs out of memory (an H100, batch 8)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("qlora_bench", Path(__file__).resolve().parents[1] / "bench" / "qlora.py")
-    bench = importlib.util.module_from_spec(spec)
-    sys.modules["qlora_bench"] = bench
-    spec.loader.exec_module(bench)
+    bench = _qlora_bench()
     row = lambda stage, arm, tps, peak: {"stage": stage, "arm": arm, "tokens_per_s": tps, "peak_gib": peak, "resident_gib": 1.0}  # noqa: E731
     rows = [row("sft", "bf16_lora", 100.0, 50.0), row("sft", "nf4_lora", 70.0, 10.0), row("sft", "bf16_lora_gc", 50.0, 20.0),
             {"stage": "dpo", "arm": "bf16_lora", "error": "OutOfMemoryError"}, row("dpo", "nf4_lora", 60.0, 12.0),
