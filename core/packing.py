@@ -201,8 +201,8 @@ def block_mask(doc: torch.Tensor, branch: torch.Tensor):
 
     The blocks are those of `create_block_mask` (tested equal), counted from segments rather than by
     evaluating the rule at every one of the B x T x T positions: with that evaluation eager, the reward model's
-    one row gained 1.43x over separate rows on an H200, 1.73x on an H100 with it compiled; compiled, it paid a
-    compile for new shapes and grad modes (80 s of warm-up there, and the 8B LoRA reference pass did not finish
+    one row gained 1.43x over separate rows on an H200, and 1.70x with this build; compiled, it paid a compile
+    for new shapes and grad modes (80 s of warm-up on an H100, and the 8B LoRA reference pass did not finish
     its first batch in 400 s; README "Measured on GPUs").
 
     A segment is one (document, branch) of a row. Every query of segment s may see every earlier key of
