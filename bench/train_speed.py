@@ -628,9 +628,20 @@ def spawn(spec: dict, work: Path, name: str, env: dict, timeout: float, script: 
         tail = log.read_text(errors="replace").strip().splitlines()[-3:]
         result = {"error": f"process ended ({'timed out after ' + str(timeout) + ' s' if rc == 'timeout' else 'exit ' + str(rc)}) "
                            f"without a result: {' | '.join(tail)[-500:]}"}
+    if "error" in result:  # the log stays on the machine that ran it: the JSON keeps where the error came from
+        result["log_errors"] = error_lines(log.read_text(errors="replace"))
     result["wall_seconds"] = wall
     result["log"] = str(log)
     return result
+
+
+def error_lines(text: str, most: int = 8) -> list[str]:
+    """The last `most` lines of a log that name an error (each at most 300 characters). An error's first line
+    is often not its cause: vLLM's engine core, for one, prints the cause from its own process and the arm
+    then fails with "Engine core initialization failed. See root cause above"."""
+    hits = [line.strip()[:300] for line in text.splitlines()
+            if re.search(r"Error|Exception|Traceback|error:|FAILED|Killed", line) and "it/s]" not in line]
+    return hits[-most:]
 
 
 def row(stage: str, arm: str, r: dict, params: int, cuda: bool) -> dict:
@@ -639,7 +650,7 @@ def row(stage: str, arm: str, r: dict, params: int, cuda: bool) -> dict:
     if "options" in r:  # what the arm ran with: the project's memory options, TRL's checkpointing and packing
         out["options"] = r["options"]
     if "error" in r:
-        return {**out, "error": r["error"], "wall_seconds": r["wall_seconds"], "log": r["log"]}
+        return {**out, "error": r["error"], "log_errors": r.get("log_errors", []), "wall_seconds": r["wall_seconds"], "log": r["log"]}
     if stage.startswith("dpo"):
         out["pairs_per_s"] = r["examples_per_s"]
     elif stage == "sft":

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -85,3 +86,21 @@ def test_tiny_run_of_one_arm_writes_the_results_file(tmp_path):
     assert result["rows"][1] == row and set(result["flags"]) == {"sft/project", "sft/trl_default"}
     assert "sft: project / trl_default" in result["ratios"]
     assert not list(tmp_path.glob(".train-speed-*.tmp"))  # written atomically, no temp file left
+
+
+def test_a_failed_arm_keeps_the_error_lines_of_its_log(tmp_path):
+    """The arm's log stays on the GPU host; its JSON row keeps the lines that name errors, the cause above the
+    last one included (vLLM: "Engine core initialization failed. See root cause above"), never a progress bar."""
+    ts = load_bench()
+    script = tmp_path / "fails.py"
+    script.write_text("import sys\n"
+                      "print('weights: 10%|#  | 1/10 [00:01<00:09, 1.00it/s] Error-free so far')\n"
+                      "print('ValueError: no memory left for the KV cache', file=sys.stderr)\n"
+                      "print('RuntimeError: Engine core initialization failed. See root cause above.')\n"
+                      "sys.exit(1)\n")
+    r = ts.spawn({"job": "x"}, tmp_path, "arm", {**os.environ, "PYTHONUNBUFFERED": "1"}, 60, script)
+    assert r["error"].startswith("process ended (exit 1) without a result")
+    assert r["log_errors"] == ["ValueError: no memory left for the KV cache",
+                               "RuntimeError: Engine core initialization failed. See root cause above."]
+    row = ts.row("dpo", "project", r, 1, cuda=False)
+    assert row["log_errors"] == r["log_errors"] and row["error"] == r["error"]
