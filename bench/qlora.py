@@ -270,7 +270,7 @@ def run_arm(spec: dict) -> dict:
 def row(stage: str, arm: str, r: dict, extra: dict) -> dict:
     out = {"stage": stage, "arm": arm, **extra}
     if "error" in r:
-        return {**out, "error": r["error"], "log_errors": r.get("log_errors", []), "wall_seconds": r["wall_seconds"], "log": r["log"]}
+        return ts.error_row(out, r)
     out[("pairs_per_s" if stage.startswith("dpo") else "sequences_per_s")] = r["examples_per_s"]
     keys = ("tokens_per_s", "peak_gib", "peak_gib_process", "resident_gib", "held_gib", "gradient_checkpointing",
             "final_loss", "steps_timed", "warmup_steps", "timed_seconds", "train_seconds", "save_seconds", "wall_seconds")

@@ -624,12 +624,13 @@ def spawn(spec: dict, work: Path, name: str, env: dict, timeout: float, script: 
         rc = "timeout"
     wall = round(time.perf_counter() - t0, 1)
     result = json.loads(Path(spec["result"]).read_text()) if Path(spec["result"]).exists() else None
+    text = log.read_text(errors="replace") if result is None or "error" in result else ""
     if result is None:  # killed (the kernel's OOM killer, a timeout): no result file
-        tail = log.read_text(errors="replace").strip().splitlines()[-3:]
+        tail = text.strip().splitlines()[-3:]
         result = {"error": f"process ended ({'timed out after ' + str(timeout) + ' s' if rc == 'timeout' else 'exit ' + str(rc)}) "
                            f"without a result: {' | '.join(tail)[-500:]}"}
     if "error" in result:  # the log stays on the machine that ran it: the JSON keeps where the error came from
-        result["log_errors"] = error_lines(log.read_text(errors="replace"))
+        result["log_errors"] = error_lines(text)
     result["wall_seconds"] = wall
     result["log"] = str(log)
     return result
@@ -644,13 +645,18 @@ def error_lines(text: str, most: int = 8) -> list[str]:
     return hits[-most:]
 
 
+def error_row(out: dict, r: dict) -> dict:
+    """A failed arm's row (this bench's and bench/qlora.py's): what `spawn` says of it."""
+    return {**out, **{k: r[k] for k in ("error", "log_errors", "wall_seconds", "log")}}
+
+
 def row(stage: str, arm: str, r: dict, params: int, cuda: bool) -> dict:
     """One arm's row: the rate in the stage's unit, tokens/s, memory, MFU, loss, steps timed."""
     out = {"stage": stage, "arm": arm}
     if "options" in r:  # what the arm ran with: the project's memory options, TRL's checkpointing and packing
         out["options"] = r["options"]
     if "error" in r:
-        return {**out, "error": r["error"], "log_errors": r.get("log_errors", []), "wall_seconds": r["wall_seconds"], "log": r["log"]}
+        return error_row(out, r)
     if stage.startswith("dpo"):
         out["pairs_per_s"] = r["examples_per_s"]
     elif stage == "sft":
