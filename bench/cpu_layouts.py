@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from core.config import load_recipe  # noqa: E402
 from core.runs import package_versions  # noqa: E402
 from data.io import write_json  # noqa: E402
 from seeds import machine, machine_tag  # noqa: E402
@@ -57,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     base = [sys.executable, "-m", "pipeline.run", args.recipe, "name=layouts"]
     print("the default recipe under the run name `layouts` (reused when up to date) ...", flush=True)
     pipeline_seconds = run(base)
-    metrics_file = ROOT / "runs" / "layouts" / "dpo" / "metrics.json"
+    recipe = load_recipe(args.recipe, ["name=layouts"])  # where the run lands: the recipe's output_dir
+    metrics_file = ROOT / recipe.output_dir / recipe.name / "dpo" / "metrics.json"
     runs = {arm: [] for arm in ARMS}
     for i in range(args.repeats):
         for arm, overrides in ARMS.items():  # plain first, shared last: the folder ends as the default leaves it
