@@ -24,14 +24,15 @@ Arms, one after another, each in its own process:
                   that environment variable for the arm (e.g. env.VLLM_USE_V2_MODEL_RUNNER=0)
   plain_vllm_profiled  (--profile) plain_vllm with vLLM's engine core in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0)
                   under cProfile: its engine_profile gives microseconds per generated token in vLLM's scheduler,
-                  its output processor and the model's execution, and the top functions. Slowed by the profiler:
-                  in no ratio.
+                  its output processor and the model's execution, and the top functions. Run last; slowed by the
+                  profiler, so in no speed ratio.
 
 Figures per arm: generated tokens/s (completion tokens, stop token included, over the seconds spent inside
-vLLM's generate: the stage's gen_seconds, summed over its shards), candidates, the mean length and the share
-stopped, and the candidates' reward mean and standard deviation under the reward model, to show that other
-batch settings leave the distribution alone (on a GPU, batch composition changes the numerics, so the ids
-differ). Writes bench/results/sampling-speed-<date>-<kind>.json with machine, versions, flags, rows and each
+vLLM's generate: the stage's gen_seconds over the seconds in which any of its engines generated), candidates,
+the mean length and the share stopped, and the candidates' reward mean and standard deviation under the reward
+model, to show that other batch settings leave the distribution alone (on a GPU, batch composition changes the
+numerics, so the ids differ): each arm's mean reward and length minus the stage's, in standard errors (over
+the prompts' means). Writes bench/results/sampling-speed-<date>-<kind>.json with machine, versions, flags, rows and each
 stage arm's ratio to plain vLLM; --tiny writes into the work folder.
 """
 
@@ -102,10 +103,17 @@ def setup(spec: dict) -> dict:
     return info
 
 
-def reward_stats(rewards: list[float], lengths: list[int], stopped: list[bool]) -> dict:
-    return {"candidates": len(lengths), "mean_length": round(statistics.mean(lengths), 2),
+def reward_stats(rewards: list[float], lengths: list[int], stopped: list[bool], k: int) -> dict:
+    """The candidates' distribution, in prompt order (k a prompt). The standard errors of the means are over the
+    prompts' means: a prompt's K candidates are not independent draws of the whole distribution."""
+    def se(values: list[float]) -> float:
+        means = [statistics.mean(values[i : i + k]) for i in range(0, len(values), k)]
+        return statistics.pstdev(means) / len(means) ** 0.5
+
+    return {"candidates": len(lengths), "mean_length": round(statistics.mean(lengths), 2), "length_se": round(se(lengths), 3),
             "stopped_share": round(sum(stopped) / len(stopped), 4),
-            "reward_mean": round(statistics.mean(rewards), 5), "reward_std": round(statistics.pstdev(rewards), 5)}
+            "reward_mean": round(statistics.mean(rewards), 5), "reward_std": round(statistics.pstdev(rewards), 5),
+            "reward_se": round(se(rewards), 5)}
 
 
 def vllm_env() -> dict:
@@ -159,7 +167,7 @@ def run_plain(spec: dict) -> dict:
     return {"tokens_per_s": round(tokens / secs, 1), "generate_seconds": round(secs, 3), "tokens": tokens,
             "engine_start_seconds": round(start, 2), "engine_settings": kw, "vllm_env": vllm_env(),
             **({"engine_profile": engine_profile(profiler, tokens, secs)} if profiler is not None else {}),
-            **reward_stats(rewards, [len(c[1]) for c in cands], [c[2] for c in cands])}
+            **reward_stats(rewards, [len(c[1]) for c in cands], [c[2] for c in cands], bench["k"])}
 
 
 # (where in vLLM's source, function name) -> a part of an engine step, for engine_profile
@@ -215,7 +223,8 @@ def run_stage(spec: dict) -> dict:
             "vllm_env": vllm_env(), "overrides": overrides,
             "settings": {k: getattr(recipe.sampling, k) for k in ("detokenize", "max_num_seqs", "enable_prefix_caching",
                          "enable_chunked_prefill", "enforce_eager", "gpu_memory_utilization", "shard_size")},
-            **reward_stats([c["reward"] for c in cands], [c["num_tokens"] for c in cands], [not c["truncated"] for c in cands])}
+            **reward_stats([c["reward"] for c in cands], [c["num_tokens"] for c in cands], [not c["truncated"] for c in cands],
+                           bench["k"])}
 
 
 def main(argv=None) -> int:
@@ -247,14 +256,14 @@ def main(argv=None) -> int:
     else:
         env["CUDA_VISIBLE_DEVICES"] = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]
     arms = [("plain_vllm", "plain", None, {}), ("stage", "stage", None, {})]
-    if args.profile:  # not a rate to compare: cProfile slows it
-        arms.insert(1, ("plain_vllm_profiled", "plain", None, {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}))
     for text in args.variant:
         name, _, pairs = text.partition(":")
         kv = [p.split("=", 1) for p in pairs.split(",") if p]
         # env.NAME=VALUE: an environment variable of the arm's processes (the stage's workers and engines inherit it)
         arm_env = {k.removeprefix("env."): v for k, v in kv if k.startswith("env.")}
         arms.append((f"stage_{name}", "stage", {k: yaml.safe_load(v) for k, v in kv if not k.startswith("env.")}, arm_env))
+    if args.profile:  # last: not a rate to compare (cProfile slows it), and the first to lose to a time limit
+        arms.append(("plain_vllm_profiled", "plain", None, {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}))
     info = spawn({"job": "setup", "bench": bench, "work": str(work)}, work, "setup", env, 3600, Path(__file__))
     if "error" in info:
         print(f"setup failed: {info['error']} (log: {info['log']})", file=sys.stderr)
@@ -292,6 +301,14 @@ def write_result(args, argv, bench: dict, info: dict, work: Path, rows: list) ->
             ratios[f"{r['arm']} / stage"] = round(r["tokens_per_s"] / ok["stage"]["tokens_per_s"], 3)
             for what in ("ids", "rewards"):
                 ratios[f"{r['arm']} same {what} as stage"] = r[f"{what}_sha256"] == ok["stage"][f"{what}_sha256"]
+        if r["arm"] != "stage" and "stage" in ok and r.get("reward_se") is not None:
+            # other ids (batch settings change a GPU's numerics) from the same distribution: the means' difference
+            # in standard errors, within noise while well inside +-3
+            for what, se in (("reward_mean", "reward_se"), ("mean_length", "length_se")):
+                spread = (r[se] ** 2 + ok["stage"][se] ** 2) ** 0.5
+                diff = r[what] - ok["stage"][what]
+                ratios[f"{r['arm']} {what} - stage's, in standard errors"] = round(diff / spread, 2) if spread else (
+                    0.0 if diff == 0 else None)
     kind = (info["gpu"].lower().replace(" ", "-") + "-x1") if info.get("gpu") else "cpu" + ("-tiny" if args.tiny else "")
     date = time.strftime("%Y-%m-%d")
     result = {"benchmark": "sampling_speed", "issue": 17, "date": date, "kind": kind, "settings": bench,

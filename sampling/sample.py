@@ -27,7 +27,8 @@ How it works:
   batching, sharding or resumes.
 - Generation and scoring run in worker process(es) (`--worker SPEC`): one engine on a CPU host, one per
   GPU group with `sampling.data_parallel > 1` (CUDA_VISIBLE_DEVICES set per worker), and up to
-  `sampling.engines_per_gpu` of them on each GPU (the second starts once the first is up). With
+  `sampling.engines_per_gpu` of them on each GPU (the second starts once the first is up; they begin
+  generating together, once all are up: `release`). With
   `sampling.score_after_generation` the workers generate every shard first (gen-*.jsonl) and exit, and one
   worker then scores them all, its reward model alone on the GPU. This keeps vLLM's
   thread/NUMA binding out of the calling process. With `sampling.backend: ray` they run in Ray actors
@@ -157,6 +158,9 @@ def run_worker(spec_path: str) -> int:
     cfg, fmt, llm, rm = load_engines(spec, phase)
     cand_dir = Path(spec["out"]) / "candidates"
     (cand_dir / f".worker-{spec['rank']}.ready").touch()  # an engine waiting to share this GPU may start now
+    if spec.get("generate_together"):  # engines sharing this GPU: the parent releases them once all are up
+        while not (cand_dir / f".worker-{spec['rank']}.go").exists():
+            time.sleep(0.2)
     for idx, entries in spec["shards"]:
         if phase == "generate":
             recs = generated_shard(llm, idx, entries, cfg, fmt)
@@ -229,20 +233,37 @@ def start_after(groups: list[str | None]) -> list[int | None]:
     return out
 
 
+def release(groups: list[str | None], ranks: list[int], up: set[int]) -> set[int]:
+    """The ranks (of those with shards, `ranks`) whose engines may begin generating: the engines sharing one GPU
+    begin together, once every one of them is up (`up`: ready, or exited). Shards are dealt out in advance, so a
+    head start would only move the first engine's idle time from the end of the stage to its start; together,
+    the engines share the GPU for the whole stage (and its tokens_per_s is their shared rate). An engine with a
+    GPU of its own, or a CPU engine, begins at once."""
+    out = set()
+    for r in ranks:
+        peers = [q for q in ranks if groups[q] is not None and groups[q] == groups[r]]
+        if len(peers) < 2 or all(q in up for q in peers):
+            out.add(r)
+    return out
+
+
 def run_workers(todo: list[tuple[int, list[dict]]], spec: dict, cand_dir: Path, groups: list[str | None],
                 on_done=None, name_fmt: str = SHARD_FMT) -> None:
     """Spread shards over one worker per engine; show progress over shards (`on_done(shard indices)` as
     their `name_fmt` files land); raise if a worker fails."""
     procs: dict[int, subprocess.Popen] = {}
     waiting = {}  # rank -> (its spec path, env, the rank it starts after)
+    ranks = [rank for rank in range(len(groups)) if todo[rank :: len(groups)]]
+    held = set(ranks) - release(groups, ranks, set())  # engines that share a GPU wait for a .go file (release)
     for rank, (devs, after) in enumerate(zip(groups, start_after(groups))):
         mine = todo[rank :: len(groups)]
         if not mine:
             continue
         path = cand_dir / f".worker-{rank}.json"
-        (cand_dir / f".worker-{rank}.ready").unlink(missing_ok=True)
+        for name in (".ready", ".go"):
+            (cand_dir / f".worker-{rank}{name}").unlink(missing_ok=True)
         with atomic_open(path) as f:
-            json.dump({**spec, "rank": rank, "parent_pid": os.getpid(), "shards": mine}, f)
+            json.dump({**spec, "rank": rank, "parent_pid": os.getpid(), "shards": mine, "generate_together": rank in held}, f)
         env = engine_env(dict(os.environ), cpu=devs is None)
         if devs is not None:
             env["CUDA_VISIBLE_DEVICES"] = devs
@@ -261,6 +282,11 @@ def run_workers(todo: list[tuple[int, list[dict]]], spec: dict, cand_dir: Path, 
         try:
             while True:
                 start_ready()
+                if held:  # an engine is up once ready (or exited: then its neighbours need not wait for it)
+                    up = {r for r in procs if (cand_dir / f".worker-{r}.ready").exists() or procs[r].poll() is not None}
+                    for r in release(groups, ranks, up) & held:
+                        (cand_dir / f".worker-{r}.go").touch()
+                        held.discard(r)
                 done = [i for (i, _), p in zip(todo, paths) if p.exists()]
                 if len(done) != bar.n and on_done is not None:
                     on_done(done)
@@ -276,7 +302,7 @@ def run_workers(todo: list[tuple[int, list[dict]]], spec: dict, cand_dir: Path, 
     failed = [p.returncode for p in procs.values() if p.returncode != 0]
     if failed:
         raise RuntimeError(f"sampling worker(s) failed with exit code {failed}; rerun to resume from the shards written")
-    for p in [*cand_dir.glob(".worker-*.json"), *cand_dir.glob(".worker-*.ready")]:
+    for p in [*cand_dir.glob(".worker-*.json"), *cand_dir.glob(".worker-*.ready"), *cand_dir.glob(".worker-*.go")]:
         p.unlink(missing_ok=True)
 
 

@@ -37,6 +37,13 @@ def test_tiny_run_writes_plain_and_stage_rows(tmp_path, monkeypatch):
     assert rows["stage_nocache"]["reward_mean"] == rows["stage"]["reward_mean"]
     assert result["ratios"]["stage_nocache same ids as stage"] is True
     assert result["ratios"]["stage_nocache same rewards as stage"] is True
+    z = " - stage's, in standard errors"
     assert set(result["ratios"]) == {"stage / plain_vllm", "stage_nocache / plain_vllm", "stage_nocache / stage",
-                                     "stage_nocache same ids as stage", "stage_nocache same rewards as stage"}
+                                     "stage_nocache same ids as stage", "stage_nocache same rewards as stage",
+                                     *(f"{arm} {what}{z}" for arm in ("plain_vllm", "stage_nocache")
+                                       for what in ("reward_mean", "mean_length"))}
+    # the same candidates: no difference in either mean; plain vLLM's (unseeded) are another draw of them
+    assert result["ratios"][f"stage_nocache reward_mean{z}"] == 0.0 and result["ratios"][f"stage_nocache mean_length{z}"] == 0.0
+    assert all(r["reward_se"] > 0 for r in rows.values())
+    assert isinstance(result["ratios"][f"plain_vllm reward_mean{z}"], float)
     assert result["versions"]["vllm"]

@@ -498,7 +498,7 @@ def test_engines_per_gpu_placement_and_config():
     one before it on the same GPUs; the recipe refuses a share over the GPU's memory, and sharing with tensor
     parallelism."""
     from core.config import ConfigError, load_recipe
-    from sampling.sample import engine_devices, start_after
+    from sampling.sample import engine_devices, release, start_after
 
     # data_parallel counts GPUs (groups of tensor_parallel), engines_per_gpu the engines on each
     assert engine_devices(["0"], 1, 1, 2) == ["0", "0"]
@@ -510,6 +510,13 @@ def test_engines_per_gpu_placement_and_config():
     assert engine_devices(["0"], 1, 2) == ["0"]  # no group of 2 GPUs: vLLM says so
     assert start_after(["0", "1", "0", "1", "0"]) == [None, None, 0, 1, 2]
     assert start_after([None]) == [None] and start_after(["0,1", "2,3"]) == [None, None]
+    # engines sharing a GPU begin generating together, once all of them are up (ready, or exited)
+    groups = ["0", "1", "0", "1"]
+    assert release(groups, [0, 1, 2, 3], set()) == set()
+    assert release(groups, [0, 1, 2, 3], {0, 1, 3}) == {1, 3}  # GPU 1's pair is up; GPU 0 waits for rank 2
+    assert release(groups, [0, 1, 2, 3], {0, 1, 2, 3}) == {0, 1, 2, 3}
+    assert release(groups, [0, 1], set()) == {0, 1}  # ranks 2 and 3 have no shards: one engine a GPU begins at once
+    assert release(["0"], [0], set()) == {0} and release([None], [0], set()) == {0}
     recipe = load_recipe(None, ["sampling.engines_per_gpu=2", "sampling.gpu_memory_utilization=0.4"])
     assert recipe.sampling.engines_per_gpu == 2
     with pytest.raises(ConfigError, match=r"sampling.engines_per_gpu: 4.*1.2 of a GPU's memory"):
