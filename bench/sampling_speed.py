@@ -13,7 +13,8 @@ weights and Meta's 128,256-token vocabulary (bench/train_speed.py's builder), a 
 (random score head), and the default task's prompts in the Llama 3 format. Random weights rarely stop, so
 nearly every candidate runs to max_tokens: the work is fixed by the shapes.
 
-Arms, one after another, each in its own process:
+Arms, one after another, each in its own process, in this order (plain_vllm, the variants, stage, the profiled
+arm): a run stopped at a time limit keeps the ones it finished.
   plain_vllm      vllm.LLM(model) with vLLM's defaults (on the CPU the settings vLLM-CPU needs), one warm-up
                   call, then ONE generate over all prompts with SamplingParams(n=K, temperature 1, the stop ids,
                   no per-request seed: the engine's seed 0): the peer. Its candidates are then scored by the same
@@ -255,13 +256,14 @@ def main(argv=None) -> int:
         env.update(CUDA_VISIBLE_DEVICES="", VLLM_CPU_KVCACHE_SPACE=env.get("VLLM_CPU_KVCACHE_SPACE", "1"))
     else:
         env["CUDA_VISIBLE_DEVICES"] = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]
-    arms = [("plain_vllm", "plain", None, {}), ("stage", "stage", None, {})]
+    arms = [("plain_vllm", "plain", None, {})]
     for text in args.variant:
         name, _, pairs = text.partition(":")
         kv = [p.split("=", 1) for p in pairs.split(",") if p]
         # env.NAME=VALUE: an environment variable of the arm's processes (the stage's workers and engines inherit it)
         arm_env = {k.removeprefix("env."): v for k, v in kv if k.startswith("env.")}
         arms.append((f"stage_{name}", "stage", {k: yaml.safe_load(v) for k, v in kv if not k.startswith("env.")}, arm_env))
+    arms.append(("stage", "stage", None, {}))  # after the variants: a variant is what a run is for, the stage a rerun
     if args.profile:  # last: not a rate to compare (cProfile slows it), and the first to lose to a time limit
         arms.append(("plain_vllm_profiled", "plain", None, {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}))
     info = spawn({"job": "setup", "bench": bench, "work": str(work)}, work, "setup", env, 3600, Path(__file__))
