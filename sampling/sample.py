@@ -255,10 +255,9 @@ def run_workers(todo: list[tuple[int, list[dict]]], spec: dict, cand_dir: Path, 
     waiting = {}  # rank -> (its spec path, env, the rank it starts after)
     ranks = [rank for rank in range(len(groups)) if todo[rank :: len(groups)]]
     held = set(ranks) - release(groups, ranks, set())  # engines that share a GPU wait for a .go file (release)
-    for rank, (devs, after) in enumerate(zip(groups, start_after(groups))):
-        mine = todo[rank :: len(groups)]
-        if not mine:
-            continue
+    afters = start_after(groups)
+    for rank in ranks:
+        devs, after, mine = groups[rank], afters[rank], todo[rank :: len(groups)]
         path = cand_dir / f".worker-{rank}.json"
         for name in (".ready", ".go"):
             (cand_dir / f".worker-{rank}{name}").unlink(missing_ok=True)
@@ -267,7 +266,7 @@ def run_workers(todo: list[tuple[int, list[dict]]], spec: dict, cand_dir: Path, 
         env = engine_env(dict(os.environ), cpu=devs is None)
         if devs is not None:
             env["CUDA_VISIBLE_DEVICES"] = devs
-        waiting[rank] = (path, env, after if after is not None and todo[after :: len(groups)] else None)
+        waiting[rank] = (path, env, after if after in ranks else None)  # a neighbour without shards never starts
 
     def start_ready() -> None:  # an engine whose GPU neighbour is up (or gone) starts
         for rank, (path, env, after) in list(waiting.items()):
