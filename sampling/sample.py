@@ -270,7 +270,8 @@ def run_workers(todo: list[tuple[int, list[dict]]], spec: dict, cand_dir: Path, 
 
     def start_ready() -> None:  # an engine whose GPU neighbour is up (or gone) starts
         for rank, (path, env, after) in list(waiting.items()):
-            if after is None or (cand_dir / f".worker-{after}.ready").exists() or procs[after].poll() is not None:
+            if after is None or after in procs and ((cand_dir / f".worker-{after}.ready").exists()
+                                                    or procs[after].poll() is not None):  # not yet started: wait
                 del waiting[rank]
                 procs[rank] = subprocess.Popen([sys.executable, "-m", "sampling.sample", "--worker", str(path)], env=env,
                                                preexec_fn=_pdeathsig if os.name == "posix" else None)

@@ -528,8 +528,9 @@ def test_engines_per_gpu_placement_and_config():
 
 
 def test_engines_sharing_a_gpu_start_one_after_another(tmp_path, monkeypatch):
-    """run_workers with two engines on GPU 0 and one on GPU 1: the second engine of GPU 0 is started only once the
-    first has written its ready file (its engine is up); GPU 1's starts at once. Stand-in processes, no vLLM."""
+    """run_workers with three engines on GPU 0 and one on GPU 1: each engine of GPU 0 is started only once the one
+    before it has written its ready file (its engine is up), the third after the second, which has not started when
+    the loop first looks; GPU 1's starts at once. Stand-in processes, no vLLM."""
     import sampling.sample as sample
 
     cand_dir = tmp_path / "candidates"
@@ -541,7 +542,7 @@ def test_engines_sharing_a_gpu_start_one_after_another(tmp_path, monkeypatch):
             self.spec = json.loads(Path(cmd[-1]).read_text())
             self.rank, self.polls, self.returncode = self.spec["rank"], 0, None
             events.append(("start", self.rank, sorted(p.name for p in cand_dir.glob(".worker-*.ready"))))
-            assert env["CUDA_VISIBLE_DEVICES"] == ["0", "1", "0"][self.rank]
+            assert env["CUDA_VISIBLE_DEVICES"] == ["0", "1", "0", "0"][self.rank]
 
         def poll(self):
             self.polls += 1
@@ -558,11 +559,12 @@ def test_engines_sharing_a_gpu_start_one_after_another(tmp_path, monkeypatch):
 
     monkeypatch.setattr(sample.subprocess, "Popen", Proc)
     monkeypatch.setattr(sample.time, "sleep", lambda s: None)
-    todo = [(i, [{"id": str(i)}]) for i in range(3)]
-    sample.run_workers(todo, {"out": str(tmp_path)}, cand_dir, ["0", "1", "0"])
-    assert [e[:2] for e in events] == [("start", 0), ("start", 1), ("start", 2)]
+    todo = [(i, [{"id": str(i)}]) for i in range(4)]
+    sample.run_workers(todo, {"out": str(tmp_path)}, cand_dir, ["0", "1", "0", "0"])
+    assert [e[:2] for e in events] == [("start", 0), ("start", 1), ("start", 2), ("start", 3)]
     assert events[0][2] == [] and events[1][2] == [] and ".worker-0.ready" in events[2][2]
-    assert all((cand_dir / sample.SHARD_FMT.format(i)).exists() for i in range(3))
+    assert ".worker-2.ready" in events[3][2]
+    assert all((cand_dir / sample.SHARD_FMT.format(i)).exists() for i in range(4))
     assert not list(cand_dir.glob(".worker-*"))  # specs and ready files cleaned up
 
 
