@@ -33,8 +33,9 @@ vLLM's generate: the stage's gen_seconds over the seconds in which any of its en
 the mean length and the share stopped, and the candidates' reward mean and standard deviation under the reward
 model, to show that other batch settings leave the distribution alone (on a GPU, batch composition changes the
 numerics, so the ids differ): each arm's mean reward and length minus the stage's, in standard errors (over
-the prompts' means). Writes bench/results/sampling-speed-<date>-<kind>.json with machine, versions, flags, rows and each
-stage arm's ratio to plain vLLM; --tiny writes into the work folder.
+the prompts' means). Writes bench/results/sampling-speed-<date>T<HHMM>-<kind>.json (the UTC time it started, so
+that two runs of a day keep both files) with machine, versions, flags, rows and each stage arm's ratio to plain
+vLLM; --tiny writes into the work folder.
 """
 
 from __future__ import annotations
@@ -243,6 +244,7 @@ def main(argv=None) -> int:
     ap.add_argument("--max-tokens", type=int, help="new tokens per candidate (default 256; --tiny 16)")
     ap.add_argument("--_child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    args.started = time.gmtime()  # names the result file: each arm rewrites it, one file per invocation
     if args._child:
         return child(args._child, {"setup": setup, "plain": run_plain, "stage": run_stage})
     import yaml
@@ -312,13 +314,14 @@ def write_result(args, argv, bench: dict, info: dict, work: Path, rows: list) ->
                 ratios[f"{r['arm']} {what} - stage's, in standard errors"] = round(diff / spread, 2) if spread else (
                     0.0 if diff == 0 else None)
     kind = (info["gpu"].lower().replace(" ", "-") + "-x1") if info.get("gpu") else "cpu" + ("-tiny" if args.tiny else "")
-    date = time.strftime("%Y-%m-%d")
-    result = {"benchmark": "sampling_speed", "issue": 17, "date": date, "kind": kind, "settings": bench,
+    date = time.strftime("%Y-%m-%d", args.started)
+    result = {"benchmark": "sampling_speed", "issue": 17, "date": date,
+              "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", args.started), "kind": kind, "settings": bench,
               "command": "python bench/sampling_speed.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "gpu": info.get("gpu")},
               "versions": {**versions(), "vllm": vllm_version()}, "rows": rows, "ratios": ratios}
     out_dir = Path(args.out) if args.out else (work / "results" if args.tiny else ROOT / "bench" / "results")
-    out_file = out_dir / f"sampling-speed-{date}-{kind}.json"
+    out_file = out_dir / f"sampling-speed-{time.strftime('%Y-%m-%dT%H%M', args.started)}-{kind}.json"
     with atomic_open(out_file) as f:
         f.write(json.dumps(result, indent=2) + "\n")
     return result, out_file

@@ -20,8 +20,10 @@ def test_tiny_run_writes_plain_and_stage_rows(tmp_path, monkeypatch):
     spec.loader.exec_module(bench)
     assert bench.main(["--tiny", "--variant", "nocache:enable_prefix_caching=false,env.VLLM_BENCH_PROBE=7",
                        "--work", str(tmp_path / "w"), "--out", str(tmp_path)]) == 0
-    (path,) = tmp_path.glob("sampling-speed-*-cpu-tiny.json")
+    (path,) = tmp_path.glob("sampling-speed-*-cpu-tiny.json")  # one file, rewritten after each arm
     result = json.loads(path.read_text())
+    stamp = result["started_utc"]  # the file is named by the invocation's start: a day's runs keep every file
+    assert path.name == f"sampling-speed-{stamp[:10]}T{stamp[11:13]}{stamp[14:16]}-cpu-tiny.json"
     rows = {r["arm"]: r for r in result["rows"]}
     assert set(rows) == {"plain_vllm", "stage", "stage_nocache"}
     k, prompts, max_tokens = (result["settings"][x] for x in ("k", "prompts", "max_tokens"))

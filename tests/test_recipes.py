@@ -126,20 +126,24 @@ def test_lora_recipes_use_the_measured_compute_options(path):
 
 @pytest.mark.parametrize("path", [p for p in REAL if "-1b-" in p.name], ids=lambda p: p.stem)
 def test_1b_recipes_sample_with_the_measured_engines_per_gpu(path):
-    """A 1B policy samples with two vLLM engines a GPU, as the newest GPU sampling benchmark measured them:
-    faster than one engine and than plain vLLM, with the same candidates as one engine; the two memory shares
-    leave a GPU room for the reward models."""
+    """A 1B policy samples with two vLLM engines a GPU, as the newest GPU sampling benchmark measured them (the
+    recipe cites it): an arm with the recipe's engines_per_gpu and memory share, faster than one engine and than
+    plain vLLM, whose candidates' mean reward and length stay within 3 standard errors of one engine's (a GPU's
+    numerics follow the batch, so the ids may differ); the shares leave a GPU room for the reward models."""
     r = load_recipe(path)
     assert r.sampling.engines_per_gpu == 2 and r.sampling.tensor_parallel == 1
     assert r.sampling.engines_per_gpu * r.sampling.gpu_memory_utilization <= 0.8
     newest = sorted((ROOT / "bench" / "results").glob("sampling-speed-*-nvidia-*.json"))[-1]
     assert newest.name in path.read_text()
     result = json.loads(newest.read_text())
+    mine = {f"sampling.engines_per_gpu={r.sampling.engines_per_gpu}",
+            f"sampling.gpu_memory_utilization={r.sampling.gpu_memory_utilization}"}
     arm = next(a for a in result["rows"] if a.get("arm", "").startswith("stage_") and "error" not in a
-               and "engines_per_gpu=2" in " ".join(a["overrides"]))
+               and mine <= set(a["overrides"]))
     ratios = result["ratios"]
     assert ratios[f"{arm['arm']} / stage"] > 1.5 and ratios[f"{arm['arm']} / plain_vllm"] > 1.5
-    assert ratios[f"{arm['arm']} same ids as stage"] is True
+    for what in ("reward_mean", "mean_length"):
+        assert abs(ratios[f"{arm['arm']} {what} - stage's, in standard errors"]) < 3
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
