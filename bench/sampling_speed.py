@@ -55,6 +55,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from seeds import machine  # noqa: E402
 from train_speed import SHAPES, build_model, child, spawn, versions  # noqa: E402
 
 FULL = {"prompts": 128, "k": 16, "max_tokens": 256, "shape": "llama-3.2-1b", "tiny": False}
@@ -318,7 +319,9 @@ def write_result(args, argv, bench: dict, info: dict, work: Path, rows: list) ->
     result = {"benchmark": "sampling_speed", "issue": 17, "date": date,
               "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", args.started), "kind": kind, "settings": bench,
               "command": "python bench/sampling_speed.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "gpu": info.get("gpu")},
+              # the processor too: one engine's rate is bound by its scheduler's Python, so by the host's CPU
+              "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "cpu": machine()["cpu"],
+                          "gpu": info.get("gpu")},
               "versions": {**versions(), "vllm": vllm_version()}, "rows": rows, "ratios": ratios}
     out_dir = Path(args.out) if args.out else (work / "results" if args.tiny else ROOT / "bench" / "results")
     out_file = out_dir / f"sampling-speed-{time.strftime('%Y-%m-%dT%H%M', args.started)}-{kind}.json"

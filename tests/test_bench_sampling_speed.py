@@ -22,6 +22,7 @@ def test_tiny_run_writes_plain_and_stage_rows(tmp_path, monkeypatch):
                        "--work", str(tmp_path / "w"), "--out", str(tmp_path)]) == 0
     (path,) = tmp_path.glob("sampling-speed-*-cpu-tiny.json")  # one file, rewritten after each arm
     result = json.loads(path.read_text())
+    assert result["machine"]["cpu"]  # the host's processor: one engine's rate depends on it
     stamp = result["started_utc"]  # the file is named by the invocation's start: a day's runs keep every file
     assert path.name == f"sampling-speed-{stamp[:10]}T{stamp[11:13]}{stamp[14:16]}-cpu-tiny.json"
     rows = {r["arm"]: r for r in result["rows"]}
