@@ -268,10 +268,12 @@ def run_workers(todo: list[tuple[int, list[dict]]], spec: dict, cand_dir: Path, 
             env["CUDA_VISIBLE_DEVICES"] = devs
         waiting[rank] = (path, env, after if after in ranks else None)  # a neighbour without shards never starts
 
+    def is_up(rank: int) -> bool:  # started, and its engine ready or its process gone (none then waits for it)
+        return rank in procs and ((cand_dir / f".worker-{rank}.ready").exists() or procs[rank].poll() is not None)
+
     def start_ready() -> None:  # an engine whose GPU neighbour is up (or gone) starts
         for rank, (path, env, after) in list(waiting.items()):
-            if after is None or after in procs and ((cand_dir / f".worker-{after}.ready").exists()
-                                                    or procs[after].poll() is not None):  # not yet started: wait
+            if after is None or is_up(after):
                 del waiting[rank]
                 procs[rank] = subprocess.Popen([sys.executable, "-m", "sampling.sample", "--worker", str(path)], env=env,
                                                preexec_fn=_pdeathsig if os.name == "posix" else None)
@@ -282,9 +284,8 @@ def run_workers(todo: list[tuple[int, list[dict]]], spec: dict, cand_dir: Path, 
         try:
             while True:
                 start_ready()
-                if held:  # an engine is up once ready (or exited: then its neighbours need not wait for it)
-                    up = {r for r in procs if (cand_dir / f".worker-{r}.ready").exists() or procs[r].poll() is not None}
-                    for r in release(groups, ranks, up) & held:
+                if held:
+                    for r in release(groups, ranks, set(filter(is_up, procs))) & held:
                         (cand_dir / f".worker-{r}.go").touch()
                         held.discard(r)
                 done = [i for (i, _), p in zip(todo, paths) if p.exists()]
