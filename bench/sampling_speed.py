@@ -29,7 +29,8 @@ arm): a run stopped at a time limit keeps the ones it finished.
                   profiler, so in no speed ratio.
 
 Figures per arm: generated tokens/s (completion tokens, stop token included, over the seconds spent inside
-vLLM's generate: the stage's gen_seconds over the seconds in which any of its engines generated), candidates,
+vLLM's generate: the stage's gen_seconds over the seconds in which any of its engines generated; for a stage arm
+also its engines and that rate over them), candidates,
 the mean length and the share stopped, and the candidates' reward mean and standard deviation under the reward
 model, to show that other batch settings leave the distribution alone (on a GPU, batch composition changes the
 numerics, so the ids differ): each arm's mean reward and length minus the stage's, in standard errors (over
@@ -221,7 +222,10 @@ def run_stage(spec: dict) -> dict:
     def digest(key: str) -> str:
         return hashlib.sha256(json.dumps([[c[key] for c in r["candidates"]] for r in records]).encode()).hexdigest()[:16]
 
-    return {"tokens_per_s": m["tokens_per_s"], "generate_seconds": m["generation_seconds"], "tokens": tokens,
+    # the stage's rate is its engines' together (engines_per_gpu share one GPU); the rate per engine beside it
+    per_engine = round(m["tokens_per_s"] / m["engines"], 2) if m.get("tokens_per_s") and m.get("engines") else None
+    return {"tokens_per_s": m["tokens_per_s"], "engines": m.get("engines"), "tokens_per_s_per_engine": per_engine,
+            "generate_seconds": m["generation_seconds"], "tokens": tokens,
             "ids_sha256": digest("completion_ids"), "rewards_sha256": digest("reward"), "ray_retries": m.get("ray_retries"),
             "vllm_env": vllm_env(), "overrides": overrides,
             "settings": {k: getattr(recipe.sampling, k) for k in ("detokenize", "max_num_seqs", "enable_prefix_caching",
