@@ -128,8 +128,8 @@ def test_lora_recipes_use_the_measured_compute_options(path):
 def test_1b_recipes_sample_with_the_measured_engines_per_gpu(path):
     """A 1B policy samples with two vLLM engines a GPU, as the newest GPU sampling benchmark measured them (the
     recipe cites it): an arm with the recipe's engines_per_gpu and memory share, faster than one engine and than
-    plain vLLM, whose candidates' mean reward and length stay within 3 standard errors of one engine's (a GPU's
-    numerics follow the batch, so the ids may differ); the shares leave a GPU room for the reward models."""
+    plain vLLM, with one engine's candidates (each engine core in-process: a shard's batches, and so a GPU's
+    numerics, depend on the shard alone); the shares leave a GPU room for the reward models."""
     r = load_recipe(path)
     assert r.sampling.engines_per_gpu == 2 and r.sampling.tensor_parallel == 1
     assert r.sampling.engines_per_gpu * r.sampling.gpu_memory_utilization <= 0.8
@@ -142,8 +142,7 @@ def test_1b_recipes_sample_with_the_measured_engines_per_gpu(path):
                and mine <= set(a["overrides"]))
     ratios = result["ratios"]
     assert ratios[f"{arm['arm']} / stage"] > 1.5 and ratios[f"{arm['arm']} / plain_vllm"] > 1.5
-    for what in ("reward_mean", "mean_length"):
-        assert abs(ratios[f"{arm['arm']} {what} - stage's, in standard errors"]) < 3
+    assert ratios[f"{arm['arm']} same ids as stage"] and ratios[f"{arm['arm']} same rewards as stage"]
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
