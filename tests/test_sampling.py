@@ -431,7 +431,7 @@ def test_engine_kwargs_cpu_and_gpu():
 
 def test_engine_env_keeps_the_engine_core_in_process():
     """Every engine's process, on a CPU or a GPU, local or a Ray actor: vLLM's engine core in-process, so that all
-    of a shard's requests are in its first step's batch (a GPU's ids then repeat: README, "Sampling at scale");
+    of a shard's requests are in its first step's batch (a GPU's ids then repeat: README, "Rejection sampling on Ray");
     a value the user set wins, and this checkout's modules come first on the path."""
     from sampling.engine import ROOT, engine_env
 
