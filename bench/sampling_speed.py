@@ -229,7 +229,8 @@ def run_stage(spec: dict) -> dict:
             "ids_sha256": digest("completion_ids"), "rewards_sha256": digest("reward"), "ray_retries": m.get("ray_retries"),
             "vllm_env": vllm_env(), "overrides": overrides,
             "settings": {k: getattr(recipe.sampling, k) for k in ("detokenize", "max_num_seqs", "enable_prefix_caching",
-                         "enable_chunked_prefill", "enforce_eager", "gpu_memory_utilization", "shard_size")},
+                         "enable_chunked_prefill", "enforce_eager", "gpu_memory_utilization", "shard_size",
+                         "engines_per_gpu", "cudagraph_max_batch")},
             **reward_stats([c["reward"] for c in cands], [c["num_tokens"] for c in cands], [not c["truncated"] for c in cands],
                            bench["k"])}
 

@@ -61,6 +61,8 @@ def engine_kwargs(spec: dict) -> dict:
         kw["enforce_eager"] = True
     if cfg.max_num_seqs:
         kw["max_num_seqs"] = cfg.max_num_seqs
+    if cfg.cudagraph_max_batch and not cfg.enforce_eager and not spec["cpu"]:  # the CPU engine is eager
+        kw["compilation_config"] = {"max_cudagraph_capture_size": cfg.cudagraph_max_batch}
     if cfg.enable_chunked_prefill is not None:
         kw["enable_chunked_prefill"] = cfg.enable_chunked_prefill
     if spec["cpu"]:

@@ -427,6 +427,12 @@ def test_engine_kwargs_cpu_and_gpu():
     gpu = engine_kwargs({**tuned, "cpu": False})
     assert gpu["max_num_seqs"] == 1024 and gpu["enable_chunked_prefill"] is True and gpu["enable_prefix_caching"] is False
     assert engine_kwargs(tuned)["enable_chunked_prefill"] is False
+    # CUDA graphs up to the stage's decode batch (64 prompts x K=16), on a GPU only: the CPU engine is eager
+    graphs = {**spec, "cfg": asdict(SamplingConfig(cudagraph_max_batch=1024))}
+    assert "compilation_config" not in gpu and "compilation_config" not in engine_kwargs(graphs)
+    assert engine_kwargs({**graphs, "cpu": False})["compilation_config"] == {"max_cudagraph_capture_size": 1024}
+    eager = {**spec, "cpu": False, "cfg": asdict(SamplingConfig(cudagraph_max_batch=1024, enforce_eager=True))}
+    assert "compilation_config" not in engine_kwargs(eager)
 
 
 def test_engine_env_keeps_the_engine_core_in_process():
