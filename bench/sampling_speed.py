@@ -56,7 +56,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from seeds import machine  # noqa: E402
+from seeds import machine, source  # noqa: E402
 from train_speed import SHAPES, build_model, child, spawn, versions  # noqa: E402
 
 FULL = {"prompts": 128, "k": 16, "max_tokens": 256, "shape": "llama-3.2-1b", "tiny": False}
@@ -327,7 +327,7 @@ def write_result(args, argv, bench: dict, info: dict, work: Path, rows: list) ->
               # the processor too: one engine's rate is bound by its scheduler's Python, so by the host's CPU
               "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "cpu": machine()["cpu"],
                           "gpu": info.get("gpu")},
-              "versions": {**versions(), "vllm": vllm_version()}, "rows": rows, "ratios": ratios}
+              "versions": {**versions(), "vllm": vllm_version()}, "source": source(), "rows": rows, "ratios": ratios}
     out_dir = Path(args.out) if args.out else (work / "results" if args.tiny else ROOT / "bench" / "results")
     out_file = out_dir / f"sampling-speed-{time.strftime('%Y-%m-%dT%H%M', args.started)}-{kind}.json"
     with atomic_open(out_file) as f:

@@ -23,6 +23,7 @@ def test_tiny_run_writes_plain_and_stage_rows(tmp_path, monkeypatch):
     (path,) = tmp_path.glob("sampling-speed-*-cpu-tiny.json")  # one file, rewritten after each arm
     result = json.loads(path.read_text())
     assert result["machine"]["cpu"]  # the host's processor: one engine's rate depends on it
+    assert result["source"]["code_sha256"]  # the code that made it (bench/seeds.py's source)
     stamp = result["started_utc"]  # the file is named by the invocation's start: a day's runs keep every file
     assert path.name == f"sampling-speed-{stamp[:10]}T{stamp[11:13]}{stamp[14:16]}-cpu-tiny.json"
     rows = {r["arm"]: r for r in result["rows"]}
@@ -34,6 +35,7 @@ def test_tiny_run_writes_plain_and_stage_rows(tmp_path, monkeypatch):
         assert r["tokens"] == round(r["mean_length"] * r["candidates"])
     # one engine on the CPU: its rate per engine is the stage's rate
     assert rows["stage"]["engines"] == 1 and rows["stage"]["tokens_per_s_per_engine"] == rows["stage"]["tokens_per_s"]
+    assert rows["stage"]["settings"]["cudagraph_max_batch"] == 0 and rows["stage"]["settings"]["engines_per_gpu"] == 1
     assert rows["stage"]["settings"]["detokenize"] is False and rows["stage_nocache"]["settings"]["enable_prefix_caching"] is False
     # env.VAR reached the variant's process, and only its
     assert rows["stage_nocache"]["vllm_env"]["VLLM_BENCH_PROBE"] == "7" and rows["stage_nocache"]["env"] == {"VLLM_BENCH_PROBE": "7"}
