@@ -56,7 +56,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from seeds import machine, source  # noqa: E402
+from core.runs import source  # noqa: E402
+from seeds import machine  # noqa: E402
 from train_speed import SHAPES, build_model, child, spawn, versions  # noqa: E402
 
 FULL = {"prompts": 128, "k": 16, "max_tokens": 256, "shape": "llama-3.2-1b", "tiny": False}

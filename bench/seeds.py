@@ -17,7 +17,6 @@ sampled answer here and there) differ, which is why the promise is stated over s
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import platform
@@ -31,7 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from core.runs import package_versions  # noqa: E402
+from core.runs import package_versions, source  # noqa: E402
 from data.io import write_json  # noqa: E402
 
 # (column, where it is in report/metrics.json "stages", key)
@@ -51,30 +50,6 @@ def machine() -> dict:
         pass
     return {"platform": platform.platform(), "machine": platform.machine(), "cpu": cpu or platform.processor(),
             "cores": os.cpu_count(), "python": platform.python_version()}
-
-
-SOURCE_DIRS = ("core", "data", "reward", "sampling", "alignment", "evals", "pipeline", "bench", "recipes")
-
-
-def source(root: Path = ROOT) -> dict:
-    """Which code made a JSON's figures: git's HEAD and whether the tree differs from it, when git can tell, and
-    the digest of the project's code as it is on disk (the .py and .yaml files of SOURCE_DIRS), which a copy
-    without its git history (a GPU host's) reports too. The digest of a commit, in a
-    clone of it: python -c "import sys; sys.path.insert(0, 'bench'); from seeds import source; print(source())"."""
-    h = hashlib.sha256()
-    for path in sorted(f for d in SOURCE_DIRS for f in (root / d).rglob("*")
-                       if f.suffix in (".py", ".yaml") and "__pycache__" not in f.parts):
-        h.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
-    out = {"code_sha256": h.hexdigest()[:16]}
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, timeout=30)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True,
-                               text=True, timeout=30)
-        if head.returncode == 0 and dirty.returncode == 0:
-            out.update(git_head=head.stdout.strip(), git_dirty=bool(dirty.stdout.strip()))
-    except (OSError, subprocess.TimeoutExpired):
-        pass
-    return out
 
 
 def machine_tag(m: dict) -> str:

@@ -84,12 +84,29 @@ def package_versions() -> dict:
     return out
 
 
-def git_commit() -> str | None:
+ROOT = Path(__file__).resolve().parents[1]
+CODE_DIRS = ("core", "data", "reward", "sampling", "alignment", "evals", "pipeline", "bench", "recipes")
+
+
+def source(root: Path = ROOT) -> dict:
+    """Which code made a run or a benchmark's figures: the digest of the project's .py and .yaml files as they
+    are on disk (CODE_DIRS), and git's commit and whether tracked files differ from it, where git can tell. A
+    copy without its git history (a GPU host's, whose .git may be stale) still names its code by the digest;
+    the digest of a commit, in a clone of it: python -c "from core.runs import source; print(source())"."""
+    h = hashlib.sha256()
+    for path in sorted(f for d in CODE_DIRS for f in (root / d).rglob("*")
+                       if f.suffix in (".py", ".yaml") and "__pycache__" not in f.parts):
+        h.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    out = {"code_sha256": h.hexdigest()[:16], "git_commit": None, "git_dirty": None}
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                              cwd=Path(__file__).resolve().parent).stdout.strip() or None
-    except Exception:
-        return None
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=30)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=30)
+        if head.returncode == 0 and dirty.returncode == 0:
+            out.update(git_commit=head.stdout.strip(), git_dirty=bool(dirty.stdout.strip()))
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    return out
 
 
 class TemplateMismatch(ValueError):
@@ -304,7 +321,7 @@ class StageRun:
             "packages": package_versions(),
             "python": platform.python_version(),
             "machine": platform.machine(),
-            "git_commit": git_commit(),
+            **source(),  # code_sha256, git_commit, git_dirty
             "wall_seconds": round(wall, 2),
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             **(extra or {}),

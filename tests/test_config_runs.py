@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from core.config import ConfigError, load_recipe
-from core.runs import StageRun, hash_path
+from core.runs import StageRun, hash_path, source
 from data.io import atomic_open, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -140,6 +140,28 @@ def test_stage_skip_and_rerun_on_changed_input(tmp_path):
     m = json.loads((out / "manifest.json").read_text())
     assert m["complete"] and m["template_hash"] == "t1" and "torch" in m["packages"]
     assert m["wall_seconds"] == json.loads((out / "metrics.json").read_text())["wall_seconds"]  # one clock, both files
+    assert m["code_sha256"] == source()["code_sha256"] and m["git_commit"]  # the code that made it
+
+
+def test_source_digest_follows_the_code(tmp_path):
+    """A manifest or bench JSON names the code that made it: the digest changes with any .py or .yaml of the
+    project, not with caches; a copy without git (a GPU host's) has the digest alone, equal to the checkout's."""
+    import shutil
+
+    root = Path(__file__).resolve().parents[1]
+    here = source()
+    assert len(here["code_sha256"]) == 16 and len(here["git_commit"]) == 40 and isinstance(here["git_dirty"], bool)
+    copy = tmp_path / "copy"
+    for d in ("core", "data", "reward", "sampling", "alignment", "evals", "pipeline", "bench", "recipes"):
+        shutil.copytree(root / d, copy / d, ignore=shutil.ignore_patterns("__pycache__"))
+    base = source(copy)
+    assert base == {"code_sha256": here["code_sha256"], "git_commit": None, "git_dirty": None}
+    (copy / "core" / "__pycache__").mkdir(exist_ok=True)
+    (copy / "core" / "__pycache__" / "x.py").write_text("")
+    (copy / "bench" / "results" / "new.json").write_text("{}")
+    assert source(copy) == base
+    (copy / "recipes" / "default.yaml").write_text((copy / "recipes" / "default.yaml").read_text() + "\n")
+    assert source(copy)["code_sha256"] != base["code_sha256"]
 
 
 def test_stage_refuses_input_with_other_template(tmp_path):

@@ -151,29 +151,6 @@ def test_seeds_file_name_names_the_processor():
     assert machine_tag({**m, "cpu": ""}) == "cpu-x86_64-2c"
 
 
-def test_bench_source_digest_follows_the_code(tmp_path):
-    """A bench JSON names the code that made it: the digest changes with any .py or .yaml of the project, not
-    with results or caches, and git's HEAD and dirtiness come along where git can tell them."""
-    import shutil
-
-    sys.path.insert(0, str(ROOT / "bench"))
-    from seeds import source
-
-    here = source()
-    assert len(here["code_sha256"]) == 16 and here.get("git_head") and isinstance(here.get("git_dirty"), bool)
-    copy = tmp_path / "copy"  # no git here: the digest alone, equal to the checkout's
-    for d in ("core", "recipes", "bench"):
-        shutil.copytree(ROOT / d, copy / d, ignore=shutil.ignore_patterns("__pycache__"))
-    base = source(copy)
-    assert set(base) == {"code_sha256"}
-    (copy / "bench" / "results" / "new.json").write_text("{}")
-    (copy / "core" / "__pycache__").mkdir(exist_ok=True)
-    (copy / "core" / "__pycache__" / "x.py").write_text("")
-    assert source(copy) == base
-    (copy / "recipes" / "default.yaml").write_text((copy / "recipes" / "default.yaml").read_text() + "\n")
-    assert source(copy) != base
-
-
 def test_seeds_command_line_takes_overrides_after_the_seeds():
     """bench/seeds.py --seeds 5 6 dpo.lr=5e-4: the seeds, then an override for every seed (its docstring's use)."""
     sys.path.insert(0, str(ROOT / "bench"))
