@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from core.config import load_recipe  # noqa: E402
-from core.runs import package_versions  # noqa: E402
+from core.runs import package_versions, source  # noqa: E402
 from data.io import write_json  # noqa: E402
 from seeds import machine, machine_tag  # noqa: E402
 
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out) if args.out else ROOT / "bench" / "results" / f"cpu-layouts-{time.strftime('%Y-%m-%d')}-{machine_tag(m)}.json"
     write_json(out, {"benchmark": "cpu_layouts", "issue": 13,
                      "command": "python bench/cpu_layouts.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-                     "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": m, "versions": package_versions(),
+                     "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": m, "versions": package_versions(), "source": source(),
                      "recipe": args.recipe, "arms": ARMS, "repeats": args.repeats, "pipeline_seconds": pipeline_seconds,
                      "notes": ["throughput: the DPO loop's real tokens per second over its steps after the warm-up (a "
                                "shared pair counts its prompt once: compare examples_per_s, pairs per second)",

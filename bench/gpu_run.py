@@ -34,6 +34,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from core.runs import source  # noqa: E402
+
 TRAINING = ("sft", "reward", "dpo")
 
 
@@ -140,7 +142,7 @@ def main(argv=None) -> int:
         "gpu_memory_gb": round(float(names[0].split(",")[1]) / 1024, 1) if names else None,
         "launcher": launcher, "launcher_config": f"recipes/accelerate/{launcher}.yaml" if launcher else None,
         "recipe": args.recipe, "overrides": args.overrides, "model_parameters": None,
-        "versions": versions(), "host": {"cpus": os.cpu_count(), "machine": platform.machine()},
+        "versions": versions(), "source": source(), "host": {"cpus": os.cpu_count(), "machine": platform.machine()},
         "stages": {},
     }
     out_file = Path(args.out) / f"gpu-{date}-{args.kind}.json"

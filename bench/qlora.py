@@ -58,6 +58,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import train_speed as ts  # noqa: E402 - the harness: records, models, processes
+from core.runs import source  # noqa: E402
 from data.io import atomic_open  # noqa: E402
 
 GENERATOR_VERSION = 1  # bump when the layered model builder changes: a cached one is then rebuilt
@@ -352,7 +353,7 @@ def results(rows: list[dict], flags: dict, info: dict, bench: Bench, kind: str, 
         "machine": {"device": info["device"], "gpu": gpu["name"] if gpu else None, "gpus_used": 1 if cuda else 0,
                     "gpu_memory_gib": gpu["memory_gib"] if gpu else None, "cuda": gpu["cuda"] if gpu else None,
                     "cpus": os.cpu_count(), "platform": platform.platform()},
-        "versions": versions,
+        "versions": versions, "source": source(),
         "settings": {**{k: v for k, v in bench_dict.items() if k != "lengths"}, "content_lengths": bench_dict["lengths"],
                      "warmup_steps": warmup_steps(bench.steps), "big_warmup_steps": warmup_steps(bench.big_steps),
                      "lora": ts.LORA, "shapes": {s: dataclasses.asdict(SHAPES[s]) for s in (bench.shape, bench.big_shape)},

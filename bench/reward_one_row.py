@@ -31,6 +31,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from core.runs import source  # noqa: E402
+
 
 def ensure_model(path: str | None, work: Path) -> Path:
     """The given model folder, else the default recipe's prepared tiny model, else a fresh one in `work`."""
@@ -192,7 +194,7 @@ def main(argv=None) -> int:
         "date": now.isoformat(timespec="seconds"),
         "machine": {"name": machine, "device": args.device, "device_name": device_name, "cpu_count": os.cpu_count(),
                     "platform": platform.platform(), "python": platform.python_version()},
-        "versions": versions(),
+        "versions": versions(), "source": source(),
         "config": {k: v for k, v in vars(args).items() if not k.startswith("_") and k != "out"},
         "what": "forward + backward of the Bradley-Terry loss, same model and batches; pairs/s over the timed steps",
         "one_row": one,

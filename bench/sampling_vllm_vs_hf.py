@@ -26,6 +26,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from core.runs import source  # noqa: E402
+
 
 def prompt_ids(fmt, n: int) -> list[list[int]]:
     from data import default_task
@@ -178,7 +180,7 @@ def main() -> int:
     date = time.strftime("%Y-%m-%d")
     report = {
         "benchmark": "rejection sampling: vLLM vs HF generate",
-        "date": date, "machine": name, "machine_info": info, "versions": versions,
+        "date": date, "machine": name, "machine_info": info, "versions": versions, "source": source(),
         "model": "tiny random Llama (data.tiny, hidden 128, 4 layers, vocab 1024)" if tmp else args.model,
         "settings": {"prompts": args.prompts, "k": args.k, "max_tokens": args.max_tokens, "dtype": args.dtype,
                      "temperature": 1.0, "threads": args.threads, "stop_ids": "eot, end_of_text"},

@@ -87,6 +87,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from core.runs import source  # noqa: E402
+
 PEAK_FLOPS = 989e12  # H100/H200 SXM dense bf16 tensor-core peak, FLOP/s
 GENERATOR_VERSION = 1  # bump when the records or the model builder change: a cached setup is then rebuilt
 
@@ -782,7 +784,7 @@ def main(argv=None) -> int:
         "machine": {"device": info["device"], "gpu": gpu["name"] if gpu else None, "gpus_used": 1 if cuda else 0,
                     "gpu_memory_gib": gpu["memory_gib"] if gpu else None,
                     "cuda": gpu["cuda"] if gpu else None, "cpus": os.cpu_count(), "platform": platform.platform()},
-        "versions": versions(),
+        "versions": versions(), "source": source(),
         "settings": {**{k: v for k, v in bench_dict.items() if k != "lengths"}, "warmup_steps": warmup,
                      "plain_project": args.plain_project,
                      "content_lengths": bench_dict["lengths"],
