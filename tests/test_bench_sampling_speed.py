@@ -23,7 +23,7 @@ def test_tiny_run_writes_plain_and_stage_rows(tmp_path, monkeypatch):
     (path,) = tmp_path.glob("sampling-speed-*-cpu-tiny.json")  # one file, rewritten after each arm
     result = json.loads(path.read_text())
     assert result["machine"]["cpu"]  # the host's processor: one engine's rate depends on it
-    assert result["source"]["code_sha256"]  # the code that made it (bench/seeds.py's source)
+    assert result["source"]["code_sha256"]  # the code that made it (core.runs.source)
     stamp = result["started_utc"]  # the file is named by the invocation's start: a day's runs keep every file
     assert path.name == f"sampling-speed-{stamp[:10]}T{stamp[11:13]}{stamp[14:16]}-cpu-tiny.json"
     rows = {r["arm"]: r for r in result["rows"]}

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from core.config import ConfigError, load_recipe
-from core.runs import StageRun, hash_path, source
+from core.runs import CODE_DIRS, StageRun, hash_path, source
 from data.io import atomic_open, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -152,7 +152,7 @@ def test_source_digest_follows_the_code(tmp_path):
     here = source()
     assert len(here["code_sha256"]) == 16 and len(here["git_commit"]) == 40 and isinstance(here["git_dirty"], bool)
     copy = tmp_path / "copy"
-    for d in ("core", "data", "reward", "sampling", "alignment", "evals", "pipeline", "bench", "recipes"):
+    for d in CODE_DIRS:
         shutil.copytree(root / d, copy / d, ignore=shutil.ignore_patterns("__pycache__"))
     base = source(copy)
     assert base == {"code_sha256": here["code_sha256"], "git_commit": None, "git_dirty": None}
