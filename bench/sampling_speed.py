@@ -206,6 +206,7 @@ def engine_profile(profiler, tokens: int, seconds: float) -> dict:
 def run_stage(spec: dict) -> dict:
     """(child) The pipeline's sample stage, as pipeline.run calls it."""
     from core.config import load_recipe
+    from sampling.engine import cudagraph_batch
     from sampling.sample import main, read_jsonl
 
     bench, work = spec["bench"], Path(spec["work"])
@@ -232,6 +233,8 @@ def run_stage(spec: dict) -> dict:
             "settings": {k: getattr(recipe.sampling, k) for k in ("detokenize", "max_num_seqs", "enable_prefix_caching",
                          "enable_chunked_prefill", "enforce_eager", "gpu_memory_utilization", "shard_size",
                          "engines_per_gpu", "cudagraph_max_batch")},
+            # what the engines asked vLLM for (GPU only: the CPU engine is eager): CUDA graphs up to this batch
+            "cudagraph_batch": cudagraph_batch(recipe.sampling),
             **reward_stats([c["reward"] for c in cands], [c["num_tokens"] for c in cands], [not c["truncated"] for c in cands],
                            bench["k"])}
 

@@ -193,9 +193,11 @@ class SamplingConfig:
     detokenize: bool = False
     max_num_seqs: int = num(0, ge=0)  # sequences decoded at once per engine
     # the largest decode batch run as a CUDA graph. vLLM captures up to 512 sequences, but on an 80+ GB GPU it
-    # decodes up to 1024 at once (its max_num_seqs there): a shard of 64 prompts x K=16 then decodes without
-    # graphs, every kernel launched from Python at every step, on an engine already bound by CPU work
-    cudagraph_max_batch: int = num(0, ge=0)
+    # decodes up to 1024 at once (its max_num_seqs there): a shard of 64 prompts x K=16 then decoded without
+    # graphs, every kernel launched from Python at every step, on an engine already bound by CPU work (2.6x
+    # slower on an H100: README, "CUDA graphs up to the decode batch"). -1: up to the stage's decode batch
+    # (sampling.engine.cudagraph_batch); 0: vLLM's own; N: up to N sequences
+    cudagraph_max_batch: int = num(-1, ge=-1)
     enable_prefix_caching: bool = True  # the K children of a prompt share its KV blocks
     enable_chunked_prefill: bool | None = None  # forced off on the CPU (see engine_kwargs)
     max_prompts: int = num(-1, ge=-1)  # -1: all

@@ -61,8 +61,9 @@ def engine_kwargs(spec: dict) -> dict:
         kw["enforce_eager"] = True
     if cfg.max_num_seqs:
         kw["max_num_seqs"] = cfg.max_num_seqs
-    if cfg.cudagraph_max_batch and not cfg.enforce_eager and not spec["cpu"]:  # the CPU engine is eager
-        kw["compilation_config"] = {"max_cudagraph_capture_size": cfg.cudagraph_max_batch}
+    graphs = cudagraph_batch(cfg)
+    if graphs and not cfg.enforce_eager and not spec["cpu"]:  # the CPU engine is eager
+        kw["compilation_config"] = {"max_cudagraph_capture_size": graphs}
     if cfg.enable_chunked_prefill is not None:
         kw["enable_chunked_prefill"] = cfg.enable_chunked_prefill
     if spec["cpu"]:
@@ -73,6 +74,26 @@ def engine_kwargs(spec: dict) -> dict:
         # for GPUs that the actor already holds
         kw["distributed_executor_backend"] = "mp"
     return kw
+
+
+# vLLM's own limits (0.24, vllm/config/vllm.py and engine/arg_utils.py): CUDA graphs for batches up to
+# min(2 x max_num_seqs, 512); max_num_seqs 1024 for vllm.LLM on a GPU of 70+ GB (256 on smaller ones)
+VLLM_CUDAGRAPH_MAX = 512
+VLLM_MAX_NUM_SEQS = 1024
+
+
+def cudagraph_batch(cfg: SamplingConfig) -> int:
+    """The largest batch an engine captures as a CUDA graph (0: vLLM's own choice), for sampling.cudagraph_max_batch.
+
+    -1 (the default) covers the stage's decode batch: an engine generates one shard at a time, so it decodes at
+    most shard_size x k sequences, and at most max_num_seqs of them at once (vLLM's 1024 when unset). Only a
+    batch beyond vLLM's own 512 asks for more graphs; a smaller one leaves vLLM's choice, which also covers
+    prefill steps of up to 512 tokens. On a GPU under 70 GB (vLLM's max_num_seqs 256 there) the graphs between
+    256 and the shard's batch are captured and never used: seconds of start, no other cost."""
+    if cfg.cudagraph_max_batch >= 0:
+        return cfg.cudagraph_max_batch
+    decode = min(cfg.shard_size * cfg.k, cfg.max_num_seqs or VLLM_MAX_NUM_SEQS)
+    return decode if decode > VLLM_CUDAGRAPH_MAX else 0
 
 
 def cpu_engine_kwargs(max_model_len: int, tensor_parallel: int = 1) -> dict:

@@ -35,7 +35,8 @@ def test_tiny_run_writes_plain_and_stage_rows(tmp_path, monkeypatch):
         assert r["tokens"] == round(r["mean_length"] * r["candidates"])
     # one engine on the CPU: its rate per engine is the stage's rate
     assert rows["stage"]["engines"] == 1 and rows["stage"]["tokens_per_s_per_engine"] == rows["stage"]["tokens_per_s"]
-    assert rows["stage"]["settings"]["cudagraph_max_batch"] == 0 and rows["stage"]["settings"]["engines_per_gpu"] == 1
+    assert rows["stage"]["settings"]["cudagraph_max_batch"] == -1 and rows["stage"]["settings"]["engines_per_gpu"] == 1
+    assert rows["stage"]["cudagraph_batch"] == 0  # 64 prompts x K=4 = 256 sequences: within vLLM's own graphs
     assert rows["stage"]["settings"]["detokenize"] is False and rows["stage_nocache"]["settings"]["enable_prefix_caching"] is False
     # env.VAR reached the variant's process, and only its
     assert rows["stage_nocache"]["vllm_env"]["VLLM_BENCH_PROBE"] == "7" and rows["stage_nocache"]["env"] == {"VLLM_BENCH_PROBE": "7"}

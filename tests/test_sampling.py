@@ -427,12 +427,17 @@ def test_engine_kwargs_cpu_and_gpu():
     gpu = engine_kwargs({**tuned, "cpu": False})
     assert gpu["max_num_seqs"] == 1024 and gpu["enable_chunked_prefill"] is True and gpu["enable_prefix_caching"] is False
     assert engine_kwargs(tuned)["enable_chunked_prefill"] is False
-    # CUDA graphs up to the stage's decode batch (64 prompts x K=16), on a GPU only: the CPU engine is eager
-    graphs = {**spec, "cfg": asdict(SamplingConfig(cudagraph_max_batch=1024))}
-    assert "compilation_config" not in gpu and "compilation_config" not in engine_kwargs(graphs)
-    assert engine_kwargs({**graphs, "cpu": False})["compilation_config"] == {"max_cudagraph_capture_size": 1024}
-    eager = {**spec, "cpu": False, "cfg": asdict(SamplingConfig(cudagraph_max_batch=1024, enforce_eager=True))}
-    assert "compilation_config" not in engine_kwargs(eager)
+    # CUDA graphs up to the stage's decode batch, on a GPU only: the CPU engine is eager
+    capture = lambda **kw: engine_kwargs({**spec, "cpu": False, "cfg": asdict(SamplingConfig(**kw))}).get(  # noqa: E731
+        "compilation_config", {}).get("max_cudagraph_capture_size")
+    assert capture() == 640  # the default: shards of 64 prompts x K=10, beyond vLLM's 512
+    assert capture(k=16) == 1024  # bench/sampling_speed.py's setup: a shard's 1,024 sequences decode at once
+    assert capture(k=16, shard_size=256) == 1024  # vLLM decodes at most its max_num_seqs, 1024, at once
+    assert capture(k=16, shard_size=256, max_num_seqs=2048) == 2048
+    assert capture(k=16, max_num_seqs=512) is None and capture(k=4) is None  # within vLLM's own 512: its choice
+    assert capture(k=16, cudagraph_max_batch=0) is None and capture(cudagraph_max_batch=768) == 768
+    assert "compilation_config" not in engine_kwargs(spec)  # the CPU
+    assert capture(k=16, enforce_eager=True) is None
 
 
 def test_engine_env_keeps_the_engine_core_in_process():
