@@ -20,7 +20,8 @@ arm): a run stopped at a time limit keeps the ones it finished.
                   no per-request seed: the engine's seed 0): the peer. Its candidates are then scored by the same
                   reward model (not timed).
   stage           sampling.sample.main, the pipeline's stage, with the recipe's sampling settings (detokenize
-                  off, prefix caching on, gpu_memory_utilization 0.3, shards of 64 prompts)
+                  off, prefix caching on, gpu_memory_utilization 0.3, shards of 64 prompts, CUDA graphs up to
+                  the decode batch: sampling.cudagraph_max_batch -1)
   stage_<name>    --variant NAME:key=value,...: the stage with those sampling keys changed; a key env.VAR sets
                   that environment variable for the arm (e.g. env.VLLM_USE_V2_MODEL_RUNNER=0)
   plain_vllm_profiled  (--profile) plain_vllm with vLLM's engine core in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0)

@@ -126,20 +126,30 @@ def test_lora_recipes_use_the_measured_compute_options(path):
 
 @pytest.mark.parametrize("path", [p for p in REAL if "-1b-" in p.name], ids=lambda p: p.stem)
 def test_1b_recipes_sample_with_the_measured_engines_per_gpu(path):
-    """A 1B policy samples with two vLLM engines a GPU, as the newest GPU sampling benchmark measured them (the
-    recipe cites it): an arm with the recipe's engines_per_gpu and memory share, faster than one engine and than
-    plain vLLM, with one engine's candidates (each engine core in-process: a shard's batches, and so a GPU's
-    numerics, depend on the shard alone); the shares leave a GPU room for the reward models."""
+    """A 1B policy samples with two vLLM engines a GPU, as the newest GPU sampling benchmark that ran the recipe's
+    setting measured them (the recipe cites it): an arm with the recipe's engines_per_gpu, memory share and CUDA
+    graphs, faster than one engine and than plain vLLM, with one engine's candidates (each engine core
+    in-process: a shard's batches, and so a GPU's numerics, depend on the shard alone); the shares leave a GPU
+    room for the reward models."""
+    from sampling.engine import cudagraph_batch
+
     r = load_recipe(path)
     assert r.sampling.engines_per_gpu == 2 and r.sampling.tensor_parallel == 1
     assert r.sampling.engines_per_gpu * r.sampling.gpu_memory_utilization <= 0.8
-    newest = sorted((ROOT / "bench" / "results").glob("sampling-speed-*-nvidia-*.json"))[-1]
-    assert newest.name in path.read_text()
-    result = json.loads(newest.read_text())
     mine = {f"sampling.engines_per_gpu={r.sampling.engines_per_gpu}",
             f"sampling.gpu_memory_utilization={r.sampling.gpu_memory_utilization}"}
-    arm = next(a for a in result["rows"] if a.get("arm", "").startswith("stage_") and "error" not in a
-               and mine <= set(a["overrides"]))
+    graphs = cudagraph_batch(r.sampling)  # 1,024: shards of 256 x K=10, at most vLLM's 1,024 at once
+
+    def recipes_arm(result: dict) -> dict | None:  # the arm with this recipe's engines, share and graphs
+        return next((a for a in result["rows"] if a.get("arm", "").startswith("stage_") and "error" not in a
+                     and mine <= set(a["overrides"])
+                     and a.get("cudagraph_batch", a["settings"].get("cudagraph_max_batch")) == graphs), None)
+
+    runs = [json.loads(p.read_text()) | {"file": p.name}
+            for p in sorted((ROOT / "bench" / "results").glob("sampling-speed-*-nvidia-*.json"))]
+    result = [run for run in runs if recipes_arm(run)][-1]
+    assert result["file"] in path.read_text()
+    arm = recipes_arm(result)
     ratios = result["ratios"]
     assert ratios[f"{arm['arm']} / stage"] > 1.5 and ratios[f"{arm['arm']} / plain_vllm"] > 1.5
     assert ratios[f"{arm['arm']} same ids as stage"] and ratios[f"{arm['arm']} same rewards as stage"]
