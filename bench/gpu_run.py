@@ -34,7 +34,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from core.runs import source  # noqa: E402
+from core.runs import package_versions, source  # noqa: E402
 
 TRAINING = ("sft", "reward", "dpo")
 
@@ -72,14 +72,8 @@ class MemoryPoller:
 
 
 def versions() -> dict:
-    import importlib.metadata as md
-
-    out = {"python": platform.python_version()}
-    for name in ("torch", "transformers", "accelerate", "deepspeed", "peft", "vllm", "safetensors"):
-        try:
-            out[name] = md.version(name)
-        except md.PackageNotFoundError:
-            pass
+    """core.runs.package_versions, with CUDA's and the NVIDIA driver's versions."""
+    out = package_versions()
     try:
         import torch
 

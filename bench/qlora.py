@@ -42,7 +42,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
-import importlib.metadata
 import json
 import os
 import platform
@@ -58,7 +57,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import train_speed as ts  # noqa: E402 - the harness: records, models, processes
-from core.runs import source  # noqa: E402
+from core.runs import package_versions, source  # noqa: E402
 from data.io import atomic_open  # noqa: E402
 
 GENERATOR_VERSION = 1  # bump when the layered model builder changes: a cached one is then rebuilt
@@ -343,17 +342,12 @@ def results(rows: list[dict], flags: dict, info: dict, bench: Bench, kind: str, 
 
     gpu, cuda = info["gpu"], info["device"] == "cuda"
     bench_dict = dataclasses.asdict(bench)
-    versions = ts.versions()
-    try:
-        versions["bitsandbytes"] = importlib.metadata.version("bitsandbytes")
-    except importlib.metadata.PackageNotFoundError:
-        versions["bitsandbytes"] = None
     result = {
         "benchmark": "qlora", "issue": 18, "date": date, "kind": kind,
         "machine": {"device": info["device"], "gpu": gpu["name"] if gpu else None, "gpus_used": 1 if cuda else 0,
                     "gpu_memory_gib": gpu["memory_gib"] if gpu else None, "cuda": gpu["cuda"] if gpu else None,
                     "cpus": os.cpu_count(), "platform": platform.platform()},
-        "versions": versions, "source": source(),
+        "versions": package_versions(), "source": source(),
         "settings": {**{k: v for k, v in bench_dict.items() if k != "lengths"}, "content_lengths": bench_dict["lengths"],
                      "warmup_steps": warmup_steps(bench.steps), "big_warmup_steps": warmup_steps(bench.big_steps),
                      "lora": ts.LORA, "shapes": {s: dataclasses.asdict(SHAPES[s]) for s in (bench.shape, bench.big_shape)},

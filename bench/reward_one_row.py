@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.metadata
 import json
 import os
 import platform
@@ -31,7 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from core.runs import source  # noqa: E402
+from core.runs import package_versions, source  # noqa: E402
 
 
 def ensure_model(path: str | None, work: Path) -> Path:
@@ -129,16 +128,6 @@ def run_layout(args, one_row: bool) -> dict:
     return out
 
 
-def versions() -> dict:
-    v = {}
-    for p in ("torch", "transformers", "accelerate", "peft"):
-        try:
-            v[p] = importlib.metadata.version(p)
-        except importlib.metadata.PackageNotFoundError:
-            pass
-    return v
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="causal LM or reward model folder (default: the recipe's tiny model)")
@@ -194,7 +183,7 @@ def main(argv=None) -> int:
         "date": now.isoformat(timespec="seconds"),
         "machine": {"name": machine, "device": args.device, "device_name": device_name, "cpu_count": os.cpu_count(),
                     "platform": platform.platform(), "python": platform.python_version()},
-        "versions": versions(), "source": source(),
+        "versions": package_versions(), "source": source(),
         "config": {k: v for k, v in vars(args).items() if not k.startswith("_") and k != "out"},
         "what": "forward + backward of the Bradley-Terry loss, same model and batches; pairs/s over the timed steps",
         "one_row": one,

